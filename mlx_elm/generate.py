@@ -1,0 +1,170 @@
+"""Text generation: prompt building, option checks, and streaming on top of mlx-lm's loop.
+
+The loop accepts an external ``prompt_cache`` so KV-cache policies (``mlx_elm.kv``) plug in, and
+so a chat session can keep its cache between turns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, List, Optional, Sequence
+
+import mlx.core as mx
+
+from mlx_elm.errors import GenerationError
+
+
+@dataclass
+class SamplingOptions:
+    """Sampling settings; ``validate`` turns bad values into one-line errors."""
+
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    def validate(self) -> "SamplingOptions":
+        checks = [
+            (self.max_tokens >= 1, f"--max-tokens must be at least 1 (got {self.max_tokens})"),
+            (self.temp >= 0, f"--temp must be >= 0 (got {self.temp}); use 0 for greedy decoding"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p}); use 1 to disable"),
+            (self.top_k >= 0, f"--top-k must be >= 0 (got {self.top_k}); use 0 to disable"),
+            (0 <= self.min_p < 1, f"--min-p must be in [0, 1) (got {self.min_p}); use 0 to disable"),
+            (self.repetition_penalty > 0,
+             f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); use 1 to disable"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GenerationError(message)
+        return self
+
+    def sampler(self):
+        from mlx_lm.sample_utils import make_sampler
+
+        return make_sampler(
+            temp=self.temp,
+            top_p=self.top_p if self.top_p < 1 else 0.0,
+            min_p=self.min_p,
+            top_k=self.top_k,
+        )
+
+    def logits_processors(self) -> list:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        penalty = self.repetition_penalty if self.repetition_penalty != 1.0 else None
+        return make_logits_processors(repetition_penalty=penalty)
+
+
+def context_length(config: dict) -> Optional[int]:
+    """The model's context window from its config, if it states one."""
+    for key in ("max_context_length", "max_position_embeddings", "n_ctx", "max_seq_len"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    text = config.get("text_config")
+    return context_length(text) if isinstance(text, dict) else None
+
+
+def build_prompt(
+    tokenizer,
+    prompt: str,
+    system: Optional[str] = None,
+    chat_template: Optional[bool] = None,
+    history: Optional[Sequence[dict]] = None,
+) -> List[int]:
+    """Token ids for ``prompt``: through the chat template when there is one (or when asked)."""
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    use_template = has_template if chat_template is None else chat_template
+    if use_template and not has_template:
+        raise GenerationError("this tokenizer has no chat template; pass --no-chat-template")
+    if not use_template:
+        if system:
+            prompt = f"{system}\n\n{prompt}"
+        return list(tokenizer.encode(prompt))
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += list(history or []) + [{"role": "user", "content": prompt}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def check_prompt_length(num_prompt: int, options: SamplingOptions, config: dict) -> int:
+    """Max new tokens that fit the context; error when the prompt alone does not fit."""
+    limit = context_length(config)
+    if num_prompt == 0:
+        raise GenerationError("the prompt is empty; pass some text")
+    if limit is None:
+        return options.max_tokens
+    if num_prompt >= limit:
+        raise GenerationError(
+            f"the prompt has {num_prompt} tokens but the model's context is {limit}; shorten the prompt"
+        )
+    return min(options.max_tokens, limit - num_prompt)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+    finish_reason: Optional[str] = None
+    tokens: List[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s | "
+            f"peak memory: {self.peak_memory_gb:.3f} GB"
+        )
+
+
+def stream_tokens(
+    model,
+    tokenizer,
+    prompt_tokens: Sequence[int],
+    options: SamplingOptions,
+    config: Optional[dict] = None,
+    prompt_cache: Optional[List[Any]] = None,
+    stats: Optional[GenerationStats] = None,
+    **generate_kwargs: Any,
+) -> Iterator[str]:
+    """Yield text segments as they are generated; fills ``stats`` when done.
+
+    ``prompt_cache`` (a list of per-layer caches) is updated in place, so a caller can keep it
+    across turns or pass a compressed-cache policy.
+    """
+    from mlx_lm.generate import stream_generate
+
+    options.validate()
+    max_tokens = check_prompt_length(len(prompt_tokens), options, config or {})
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    stats = stats if stats is not None else GenerationStats()
+    response = None
+    for response in stream_generate(
+        model,
+        tokenizer,
+        mx.array(list(prompt_tokens), dtype=mx.uint32),
+        max_tokens=max_tokens,
+        sampler=options.sampler(),
+        logits_processors=options.logits_processors(),
+        prompt_cache=prompt_cache,
+        **generate_kwargs,
+    ):
+        stats.tokens.append(int(response.token))  # includes a final EOS token
+        yield response.text
+    if response is not None:
+        stats.prompt_tokens = response.prompt_tokens
+        stats.prompt_tps = response.prompt_tps
+        stats.generation_tokens = response.generation_tokens
+        stats.generation_tps = response.generation_tps
+        stats.peak_memory_gb = response.peak_memory
+        stats.finish_reason = response.finish_reason
+
+
+def generate_text(model, tokenizer, prompt_tokens: Sequence[int], options: SamplingOptions,
+                  config: Optional[dict] = None, **kwargs: Any) -> str:
+    """The whole generated text (no streaming)."""
+    return "".join(stream_tokens(model, tokenizer, prompt_tokens, options, config, **kwargs))

