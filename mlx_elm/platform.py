@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 OPT_OUT_ENV = "MLX_ELM_NO_BLAS_PRELOAD"
-_REEXEC_MARK = "MLX_ELM_BLAS_REEXEC"
+REEXEC_MARK = "MLX_ELM_BLAS_REEXEC"
 OPENBLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -48,21 +48,27 @@ def _preloaded(path: str) -> bool:
     return path in os.environ.get("LD_PRELOAD", "").split(":")
 
 
+def would_reexec() -> bool:
+    """True when :func:`maybe_reexec_with_fast_blas` would re-execute this process."""
+    if os.environ.get(OPT_OUT_ENV) or os.environ.get(REEXEC_MARK):
+        return False
+    if not wheel_links_reference_blas():
+        return False
+    blas = find_openblas()
+    return blas is not None and not _preloaded(blas)
+
+
 def maybe_reexec_with_fast_blas() -> None:
     """Re-execute this process once with OpenBLAS in ``LD_PRELOAD`` when that makes MLX faster.
 
     Set ``MLX_ELM_NO_BLAS_PRELOAD=1`` to opt out. A marker variable prevents loops.
     """
-    if os.environ.get(OPT_OUT_ENV) or os.environ.get(_REEXEC_MARK):
-        return
-    if not wheel_links_reference_blas():
+    if not would_reexec():
         return
     blas = find_openblas()
-    if blas is None or _preloaded(blas):
-        return
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD", "")) if p)
-    env[_REEXEC_MARK] = "1"
+    env[REEXEC_MARK] = "1"
     argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
     try:
         sys.stdout.flush()

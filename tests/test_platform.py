@@ -1,0 +1,45 @@
+"""The Linux fast path: re-exec with OpenBLAS preloaded, opt-out, and the doctor report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlx_elm import platform
+
+PROBE = ("from mlx_elm import platform; platform.maybe_reexec_with_fast_blas(); "
+         "import mlx.core as mx; mx.eval(mx.ones((4, 4)) @ mx.ones((4, 4))); "
+         "print(platform.loaded_blas())")
+
+needs_openblas = pytest.mark.skipif(
+    not (platform.wheel_links_reference_blas() and platform.find_openblas()),
+    reason="only meaningful with the Linux mlx-cpu wheel and an installed OpenBLAS",
+)
+
+
+def _run(extra_env):
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", platform.OPT_OUT_ENV, platform.REEXEC_MARK)}
+    env.update(extra_env)
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@needs_openblas
+def test_reexec_preloads_openblas():
+    out = _run({}).stdout
+    assert out.startswith("OpenBLAS, preloaded")
+
+
+@needs_openblas
+def test_opt_out_keeps_the_reference_blas():
+    out = _run({platform.OPT_OUT_ENV: "1"}).stdout
+    assert "reference BLAS" in out
+
+
+def test_doctor_reports_backend_blas_and_memory():
+    lines = "\n".join(platform.doctor().lines())
+    for field in ("backend", "device", "blas", "system memory gb", "mlx version"):
+        assert field in lines
