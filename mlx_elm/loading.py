@@ -211,7 +211,7 @@ def load_with_info(
     path = resolve_model_path(ref)
     model, config, info = load_model(path, representation)
     if adapter_path is not None:
-        from mlx_lm.tuner.utils import load_adapters
+        from mlx_elm.train.lora import load_adapters  # mlx-lm's layout, plus embedding adapters
 
         if not (Path(adapter_path) / "adapter_config.json").exists():
             raise ModelLoadError(f"{adapter_path} has no adapter_config.json; pass the folder written by `mlx-elm lora`")

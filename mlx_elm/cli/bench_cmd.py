@@ -38,4 +38,7 @@ def generate(
 
 
 def register(app: typer.Typer) -> None:
+    from mlx_elm.cli import bench_lora
+
+    bench_app.command("lora")(bench_lora.lora)
     app.add_typer(bench_app, name="bench")

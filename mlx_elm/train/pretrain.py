@@ -1,0 +1,105 @@
+"""``mlx-elm train``: pre-train a small model from scratch on plain text, with checkpoints.
+
+The config is a model ``config.json`` (any ``model_type`` the toolkit loads: ``openelm``, mlx-lm's
+architectures, later the MH-MoE models) or ``{"preset": "OpenELM-270M", "overrides": {...}}`` to
+scale an OpenELM preset down. The output folder is a normal model folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_elm.errors import TrainingError
+from mlx_elm.train.checkpoint import atomic_save_safetensors, atomic_write_json
+from mlx_elm.train.data import load_dataset
+from mlx_elm.train.distributed import init_world
+from mlx_elm.train.loop import TrainConfig, TrainResult, train
+
+
+def resolve_config(spec: dict) -> dict:
+    """A full model config from a config.json dict or a ``preset`` + ``overrides`` dict."""
+    if "preset" in spec:
+        from mlx_elm.models.openelm import preset
+
+        try:
+            return preset(spec["preset"], **spec.get("overrides", {})).to_dict()
+        except (ValueError, TypeError) as e:
+            raise TrainingError(f"config preset: {e}") from None
+    if "model_type" not in spec:
+        raise TrainingError("the --config JSON needs 'model_type' (a model config.json) or 'preset' "
+                            "(e.g. {\"preset\": \"OpenELM-270M\", \"overrides\": {\"num_transformer_layers\": 4}})")
+    return dict(spec)
+
+
+def build_model(config: dict, seed: int = 0) -> Tuple[nn.Module, dict]:
+    """A freshly initialised model for ``config`` (same weights on every process for one seed)."""
+    from mlx_elm.loading import get_model_classes
+
+    try:
+        model_cls, args_cls = get_model_classes(config)
+        args = args_cls.from_dict(config)
+        mx.random.seed(seed)
+        model = model_cls(args)
+    except (ValueError, TypeError, KeyError) as e:
+        raise TrainingError(f"cannot build a {config.get('model_type')} model from --config: {str(e).splitlines()[0]}") from None
+    mx.eval(model.parameters())
+    return model, config
+
+
+def save_model_folder(model: nn.Module, config: dict, out_dir: Path) -> None:
+    """config.json + model.safetensors, each written atomically (tokenizer files are already there)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(out_dir / "model.safetensors", dict(tree_flatten(model.parameters())))
+    atomic_write_json(out_dir / "config.json", config)
+
+
+def pretrain(
+    config_path,
+    data_dir,
+    out_dir,
+    tokenizer: str,
+    cfg: Optional[TrainConfig] = None,
+    pack: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train a new model described by ``config_path`` on the text in ``data_dir``."""
+    from mlx_elm.tokenizers import has_tokenizer, install_tokenizer, load_tokenizer
+
+    cfg = cfg or TrainConfig(learning_rate=1e-3)
+    world = init_world()
+    try:
+        spec = json.loads(Path(config_path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainingError(f"cannot read --config {config_path}: {e}; pass a model config JSON file") from None
+    config = resolve_config(spec)
+    out_dir = Path(out_dir)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer is not None:
+            install_tokenizer(tokenizer, out_dir)
+    if world.size > 1:  # the other processes wait until rank 0 has written the tokenizer files
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=world.group))
+    if not has_tokenizer(out_dir):
+        raise TrainingError("pre-training needs --tokenizer (a SentencePiece .model file or a tokenizer folder)")
+    tok = load_tokenizer(out_dir, None, config)
+    if len(tok.vocabulary if hasattr(tok, "vocabulary") else tok.get_vocab()) > config.get("vocab_size", 1 << 30):
+        raise TrainingError(f"the tokenizer has more tokens than the config's vocab_size {config['vocab_size']}; "
+                            "raise vocab_size in --config")
+    model, config = build_model(config, cfg.seed)
+    data = load_dataset(data_dir, tok, cfg.max_seq_length, pack=pack)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    if world.is_main:
+        log(f"model: {config.get('model_type')} with {n_params / 1e6:.2f}M parameters, from scratch")
+        log(f"data: {data.summary()}")
+    fp = {"config": config}
+    result = train(model, data, cfg, out_dir, lambda m: save_model_folder(m, config, out_dir), fingerprint=fp,
+                   world=world, log=log)
+    if world.is_main:
+        log(result.summary())
+    return result
