@@ -142,6 +142,10 @@ def stream_tokens(
     if options.seed is not None:
         mx.random.seed(options.seed)
     stats = stats if stats is not None else GenerationStats()
+    if prompt_cache is not None:  # compressing KV policies compress once the prompt is complete
+        from mlx_elm.kv import expect_prompt
+
+        expect_prompt(prompt_cache, len(prompt_tokens))
     response = None
     for response in stream_generate(
         model,

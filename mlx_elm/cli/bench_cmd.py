@@ -38,7 +38,8 @@ def generate(
 
 
 def register(app: typer.Typer) -> None:
-    from mlx_elm.cli import bench_lora
+    from mlx_elm.cli import bench_kv, bench_lora
 
+    bench_app.command("kv")(bench_kv.kv)
     bench_app.command("lora")(bench_lora.lora)
     app.add_typer(bench_app, name="bench")

@@ -41,12 +41,26 @@ def generate(
     ),
     representation: str = typer.Option("auto", "--weights", help="auto | as-stored | float32 (auto: float32 on CPU)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print what was loaded and how."),
+    kv_policy: str = typer.Option("full", "--kv-policy", help="KV cache policy: full | snapkv | streaming."),
+    kv_capacity: Optional[int] = typer.Option(
+        None, "--kv-capacity", help="Prompt rows kept per head, window included (snapkv, streaming)."),
+    kv_window: int = typer.Option(32, "--kv-window", help="SnapKV observation window (last prompt tokens)."),
+    kv_kernel: int = typer.Option(7, "--kv-kernel", help="SnapKV pooling kernel (odd; 1 = no pooling)."),
+    kv_pool: str = typer.Option("max", "--kv-pool", help="SnapKV pooling: max | avg."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache after the prompt: 4 | 8."),
+    kv_per_query_head: bool = typer.Option(
+        False, "--kv-per-query-head", help="SnapKV: select per query head (original code; no GQA saving)."),
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
     from mlx_elm.generate import GenerationStats, build_prompt, stream_tokens
     from mlx_elm.loading import load_with_info
 
+    from mlx_elm import kv
+
     options = _options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
+    kv_args = dict(policy=kv_policy, capacity=kv_capacity, window=kv_window, kernel=kv_kernel,
+                   pool=kv_pool, bits=kv_bits)
+    kv.validate(**kv_args)
     if prompt is None:
         if sys.stdin.isatty():
             raise GenerationError("no prompt given; pass it as an argument or on stdin")
@@ -56,10 +70,13 @@ def generate(
         _echo_err(info.describe())
     tokens = build_prompt(tok, prompt, system, chat_template)
     stats = GenerationStats()
-    for text in stream_tokens(model_obj, tok, tokens, options, info.config, stats=stats):
+    caches = kv.make_cache(model_obj, per_query_head=kv_per_query_head, **kv_args)
+    for text in stream_tokens(model_obj, tok, tokens, options, info.config, prompt_cache=caches, stats=stats):
         typer.echo(text, nl=False)
         sys.stdout.flush()
     typer.echo("")
+    if verbose:
+        _echo_err(kv.describe(caches))
     _echo_err(stats.summary())
 
 
