@@ -1,0 +1,79 @@
+"""`mlx-elm ays ...` end to end on tiny settings, plus the example's fast mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_elm.cli.main import app
+from mlx_elm.errors import DiffusionError
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def test_schedule_command_prints_published_with_source():
+    r = runner.invoke(app, ["ays", "schedule", "ays-sd15"])
+    assert r.exit_code == 0, r.output
+    assert "sigmas: 14.615, 6.475, 3.861" in r.output and "999, 850, 736" in r.output and "#7760" in r.output
+    r = runner.invoke(app, ["ays", "schedule", "karras", "--steps", "4"])
+    assert r.exit_code == 0 and r.output.startswith("sigmas: 80,")
+
+
+def test_train_optimize_roundtrip(tmp_path):
+    den = tmp_path / "d.safetensors"
+    r = runner.invoke(app, ["ays", "train-toy", "--dataset", "ring8", "--out", str(den), "--steps", "20",
+                            "--hidden", "16", "--depth", "1", "--batch", "64"])
+    assert r.exit_code == 0, r.output
+    assert den.is_file() and "peak memory" in r.output
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    r = runner.invoke(app, ["ays", "optimize", "--denoiser", "gmm:ring8", "--steps", "8", "--mc-samples", "256",
+                            "--max-sweeps", "2", "--check-samples", "300", "--out", str(out), "--plot", str(png)])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert len(rec["sigmas"]) == 9 and rec["klub"] <= rec["klub_init"] and rec["solver"] == "ddim-stochastic"
+    assert png.stat().st_size > 1000 and "peak memory" in r.output
+    r = runner.invoke(app, ["ays", "optimize", "--denoiser", str(den), "--steps", "4", "--mc-samples", "128",
+                            "--max-sweeps", "1", "--check-samples", "0", "--refine", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(out.read_text())["sigmas"]) == 5
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--steps", "1"], "steps"),
+    (["--solver", "rk4"], "unknown solver"),
+    (["--plot", "x.jpg"], "png"),
+])
+def test_optimize_rejects_bad_input(args, msg, tmp_path):
+    r = runner.invoke(app, ["ays", "optimize", "--denoiser", "gmm:ring8", "--out", str(tmp_path / "o.json"), *args])
+    assert isinstance(r.exception, DiffusionError) and msg in str(r.exception)
+
+
+def test_missing_denoiser_file_and_unknown_dataset(tmp_path):
+    r = runner.invoke(app, ["ays", "optimize", "--denoiser", str(tmp_path / "nope.safetensors")])
+    assert isinstance(r.exception, DiffusionError) and "train-toy" in str(r.exception)
+    r = runner.invoke(app, ["ays", "optimize", "--denoiser", "gmm:moons"])
+    assert isinstance(r.exception, DiffusionError) and "unknown dataset" in str(r.exception)
+
+
+def test_example_fast_mode(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "ays_toy.py"), "--fast", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "table.md").read_text()
+    assert "| exact:ring8 | 4 | ddim-stochastic |" in table and "mlp:ring8" in table
+    assert (tmp_path / "schedules_exact_ring8_N4.png").is_file()
+    assert (tmp_path / "samples_mlp_ring8_N4.png").is_file()
+
+
+def test_png_without_matplotlib_names_the_fix(monkeypatch, tmp_path):
+    import numpy as np
+
+    from mlx_elm.diffusion import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    with pytest.raises(DiffusionError, match="pip install matplotlib"):
+        plots.plot_schedules({"a": np.array([1.0, 0.1])}, tmp_path / "a.png")
