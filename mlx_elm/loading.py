@@ -213,8 +213,6 @@ def load_with_info(
     if adapter_path is not None:
         from mlx_elm.train.lora import load_adapters  # mlx-lm's layout, plus embedding adapters
 
-        if not (Path(adapter_path) / "adapter_config.json").exists():
-            raise ModelLoadError(f"{adapter_path} has no adapter_config.json; pass the folder written by `mlx-elm lora`")
         model = load_adapters(model, str(adapter_path))
         model.eval()
     tok = load_tokenizer(path, tokenizer, config)
