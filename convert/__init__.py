@@ -8,7 +8,6 @@ place only when everything, including the optional ``verify`` check, succeeded.
 
 from __future__ import annotations
 
-import dataclasses
 import resource
 import sys
 import time

@@ -40,18 +40,22 @@ class BenchSummary:
         return statistics.median(getattr(r, attr) for r in self.runs)
 
 
-def write_random_model(preset_name: str, dtype: str, folder: Path, seed: int = 0) -> Path:
-    """A model folder with random weights of a named OpenELM preset (for speed, not quality)."""
+def write_random_model(preset_or_args, dtype: str, folder: Path, seed: int = 0) -> Path:
+    """A model folder with random OpenELM weights (for speed and plumbing, not quality), from a
+    preset name or a ``ModelArgs``."""
     from mlx.utils import tree_flatten
 
-    from mlx_elm.models.openelm import Model, preset
+    from mlx_elm.models.openelm import Model, ModelArgs, preset
 
     if dtype not in DTYPES:
         raise MlxElmError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
-    try:
-        args = preset(preset_name)
-    except ValueError as e:
-        raise MlxElmError(str(e)) from None
+    if isinstance(preset_or_args, ModelArgs):
+        args = preset_or_args
+    else:
+        try:
+            args = preset(preset_or_args)
+        except ValueError as e:
+            raise MlxElmError(str(e)) from None
     mx.random.seed(seed)
     model = Model(args)
     model.set_dtype(DTYPES[dtype])

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -20,6 +17,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_elm.atomic import atomic_folder
 from mlx_elm.errors import ModelLoadError
 from mlx_elm.platform import cache_home, is_cpu_backend
 
@@ -81,17 +79,9 @@ def embedded_model_path() -> Path:
     from convert.gguf import convert_gguf
 
     gguf = embedded_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     print(f"[mlx-elm] converting the embedded default model once into {target}", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(target) as tmp:
         convert_gguf(gguf, tmp, source_note=f"PyPI wheel {EMBEDDED_WHEEL}")
-        if not (target / "config.json").exists():
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

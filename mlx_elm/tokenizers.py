@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+from mlx_elm.atomic import atomic_folder
 from mlx_elm.errors import TokenizerError
 from mlx_elm.platform import cache_home
 
@@ -107,15 +106,8 @@ def _cached_tokenizer_dir(source: str) -> Path:
     target = cache_home() / "tokenizers" / key
     if has_tokenizer(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with atomic_folder(target, replace=False) as tmp:
         install_tokenizer(source, tmp)
-        if not target.exists():
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

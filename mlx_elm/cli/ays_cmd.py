@@ -6,7 +6,6 @@ Thin layer: parse and validate options, call :mod:`mlx_elm.diffusion`, print.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from mlx_elm.atomic import atomic_file
 from mlx_elm.errors import DiffusionError
 
 ays_app = typer.Typer(help="Diffusion samplers and Align Your Steps schedules.", no_args_is_help=True)
@@ -31,10 +31,8 @@ def _peak_mb() -> float:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _parse_steps(text: str) -> list[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from mlx_elm.atomic import atomic_file
 from mlx_elm.errors import DiffusionError
 
 # ------------------------------------------------------------------------------------------
@@ -262,11 +262,9 @@ def save_mlp(model: MLPDenoiser, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DiffusionError(f"denoiser file must end in .safetensors, got '{path.name}'; rename it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
     weights = dict(tree_flatten(model.parameters()))  # includes the fixed projections
-    mx.save_safetensors(str(tmp), weights, metadata={"mlx_elm_toy_mlp": json.dumps(asdict(model.cfg))})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        mx.save_safetensors(str(tmp), weights, metadata={"mlx_elm_toy_mlp": json.dumps(asdict(model.cfg))})
     return path
 
 

@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-from mlx_elm.kv import CompressingKVCache, cache_nbytes, expect_prompt, make_cache
+from mlx_elm.kv import cache_nbytes, expect_prompt, make_cache
 
 
 @dataclass

@@ -7,8 +7,7 @@ and a saved folder loads in mlx-lm too.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx

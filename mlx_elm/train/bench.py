@@ -38,14 +38,10 @@ def make_bench_model(kind: str, out_dir: Path) -> Path:
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "openelm-270m":
-        from mlx_elm.models.openelm import Model, preset
+        from mlx_elm.bench import write_random_model
         from mlx_elm.train.tiny import train_tiny_spm
 
-        args = preset("OpenELM-270M")
-        mx.random.seed(0)
-        model = Model(args)
-        mx.save_safetensors(str(out_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
-        (out_dir / "config.json").write_text(json.dumps(args.to_dict(), indent=2))
+        write_random_model("OpenELM-270M", "float32", out_dir, seed=0)
         install_tokenizer(train_tiny_spm(out_dir / "spm"), out_dir)
         return out_dir
     src = resolve_model_path(None)

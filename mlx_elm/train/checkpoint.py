@@ -9,9 +9,7 @@ resuming picks the newest complete folder.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -19,6 +17,7 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_elm.atomic import atomic_file, atomic_folder
 from mlx_elm.errors import TrainingError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -27,30 +26,14 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 
 
-def _tmp_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
-    os.close(fd)
-    return Path(name)
-
-
 def atomic_write_json(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def atomic_save_safetensors(path: Path, arrays: Dict[str, mx.array], metadata: Optional[dict] = None) -> None:
-    path = Path(path)
-    tmp = _tmp_path(path)  # ends with .safetensors so mx does not append a suffix
-    try:
+    with atomic_file(path) as tmp:  # keeps the .safetensors suffix, so mx appends none
         mx.save_safetensors(str(tmp), arrays, metadata=metadata or {"format": "mlx"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -71,17 +54,11 @@ def save_checkpoint(root: Path, state: TrainState, weights: Dict[str, mx.array],
     ckdir = Path(root) / CHECKPOINT_DIR
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step_{state.step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckdir, prefix=".tmp-"))
-    try:
+    with atomic_folder(final) as tmp:
         mx.save_safetensors(str(tmp / WEIGHTS_FILE), weights, metadata={"format": "mlx"})
         opt = dict(tree_flatten(optimizer.state))
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), opt, metadata={"format": "mlx"})
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

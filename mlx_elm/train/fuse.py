@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from mlx_elm.atomic import atomic_folder
 from mlx_elm.errors import TrainingError
 from mlx_elm.train.lora import ADAPTER_TYPES
 
@@ -58,9 +57,9 @@ def fuse_to_folder(
                     class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
         config["quantization"] = {"group_size": group_size, "bits": quantize_bits}
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    if out_dir.exists() and not (out_dir / "config.json").exists() and any(out_dir.iterdir()):
+        raise TrainingError(f"{out_dir} exists and is not a model folder; choose another output folder")
+    with atomic_folder(out_dir) as tmp:
         save_model(tmp, model)
         save_config(config, tmp / "config.json")
         if tokenizer is not None:
@@ -69,12 +68,5 @@ def fuse_to_folder(
             for name in TOKENIZER_FILES:
                 if (base / name).exists():
                     shutil.copyfile(base / name, tmp / name)
-        if out_dir.exists():
-            if not (out_dir / "config.json").exists() and any(out_dir.iterdir()):
-                raise TrainingError(f"{out_dir} exists and is not a model folder; choose another output folder")
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"fused {n} adapters into {out_dir}")
     return out_dir

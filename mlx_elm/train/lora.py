@@ -126,7 +126,7 @@ def plan_adapters(model: nn.Module, cfg: LoRAConfig) -> AdapterPlan:
         raise TrainingError(f"--num-layers must be -1 (all) or a positive number (got {cfg.num_layers})")
     chosen = model.layers[n_total - n :]
     candidates = sorted({p for layer in chosen for p, m in layer.named_modules() if p and _adaptable(m)})
-    keys, emb, unmatched = set(), [], []
+    keys, emb = set(), []
     for t in cfg.targets:
         t = t.strip()
         if t in ("all-linear", "all"):

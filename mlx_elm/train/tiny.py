@@ -6,8 +6,6 @@ import json
 import random
 from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten
 
 TINY_OPENELM = dict(num_transformer_layers=4, model_dim=128, head_dim=32, vocab_size=512, ffn_dim_divisor=32,
                     max_context_length=256)
@@ -33,16 +31,12 @@ def train_tiny_spm(out_dir: Path, vocab_size: int = 320, seed: int = 0) -> Path:
 
 def make_tiny_openelm(out_dir: Path, tokenizer_model: Path, seed: int = 0, **overrides) -> Path:
     """A random tiny OpenELM model folder (config.json, model.safetensors, tokenizer)."""
-    from mlx_elm.models.openelm import Model, ModelArgs
+    from mlx_elm.bench import write_random_model
+    from mlx_elm.models.openelm import ModelArgs
     from mlx_elm.tokenizers import install_tokenizer
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = ModelArgs(**dict(TINY_OPENELM, **overrides))
-    mx.random.seed(seed)
-    model = Model(args)
-    mx.save_safetensors(str(out_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (out_dir / "config.json").write_text(json.dumps(args.to_dict(), indent=2))
+    write_random_model(ModelArgs(**dict(TINY_OPENELM, **overrides)), "float32", out_dir, seed)
     install_tokenizer(tokenizer_model, out_dir)
     return out_dir
 
