@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from mlx_elm.atomic import atomic_folder
 from mlx_elm.errors import ConversionError
+from mlx_elm.hub import looks_like_repo_id
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -73,12 +75,12 @@ def open_source(source: str | Path, preset: Optional[str] = None, vocab_size: Op
         src = Source(base, args, "safetensors state_dict", text, geometry=geometry, lora=lora)
     elif path.is_file():
         src = corenet.read(path, preset, vocab_size=vocab_size, keep_padding=keep_padding)
-    elif hf.looks_like_repo_id(text):
+    elif looks_like_repo_id(text):
         src = hf.read(hf.download(text, revision), text, preset)
         src.location = f"{text} (Hugging Face Hub)"
     else:
         raise ConversionError(f"{text} is neither a file, a folder, nor a Hub repo id (org/name).")
-    if path.is_dir() or hf.looks_like_repo_id(text):
+    if path.is_dir() or looks_like_repo_id(text):
         rows = src.tensors.get("transformer.token_embeddings.weight")
         if rows is not None and rows.shape[0] > src.args.vocab_size and not keep_padding:
             src.tensors, src.lora = corenet.trim_vocab(src.tensors, src.lora, src.args.vocab_size)
@@ -143,9 +145,8 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
         options["lora scale"] = lora_scale
 
     order = sorted(tensors, key=_natural_key)
-    atomic = writer.AtomicDir(out, force=force)
     diff = allowed = None
-    with atomic as tmp:
+    with atomic_folder(out, replace=force) as tmp:
         shards = writer.ShardWriter(tmp, max_bytes)
         bar = tqdm(order, desc="converting", unit="tensor", disable=not progress, file=sys.stderr)
         for name in bar:
@@ -175,7 +176,8 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
             diff, allowed = run_verify(src, tmp, dtype, bits if quantize else None, lora_scale,
                                        tmp / "adapters" if adapter is not None else None)
         written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-        atomic.commit()
+        if out.exists() and not force:
+            raise ConversionError(f"{out} appeared during the conversion; pass --force to replace it.")
     return ConversionReport(out.absolute(), src.location, src.kind, parameters, written,
                             time.perf_counter() - start, peak_memory_bytes(), files, diff, allowed, notes)
 
@@ -195,10 +197,8 @@ def _write_adapter(folder: Path, adapter: dict, mx) -> None:
 
 
 def _install_tokenizer(tokenizer: str | Path, folder: Path) -> None:
-    try:
-        from mlx_elm.tokenizers import install_tokenizer
-    except ImportError:
-        raise ConversionError("--tokenizer needs mlx_elm.tokenizers, which this installation lacks.") from None
+    from mlx_elm.tokenizers import install_tokenizer
+
     install_tokenizer(tokenizer, folder)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -19,30 +18,15 @@ from convert.safe_pickle import load_checkpoint
 from convert.safetensors_reader import read_safetensors
 from convert.source import Source
 from convert.tensors import LazyTensor
+from mlx_elm import hub
 from mlx_elm.errors import ConversionError
 from mlx_elm.models.openelm import ModelArgs
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def looks_like_repo_id(source: str) -> bool:
-    return bool(REPO_ID.match(source)) and not Path(source).exists()
-
-
 def download(repo_id: str, revision: Optional[str] = None) -> Path:
     """Fetch config and weights of a Hub repo (safetensors preferred) into the HF cache."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=["*.json", "*.safetensors", "*.md"]))
-        if not list(path.glob("*.safetensors")):
-            path = Path(snapshot_download(repo_id, revision=revision,
-                                          allow_patterns=["*.json", "*.bin", "*.md"]))
-    except Exception as e:  # network, auth, offline cache miss: all one line for the user
-        raise ConversionError(f"cannot fetch {repo_id} from the Hugging Face Hub ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the repo id, your "
-                              "network/HF_TOKEN, or pass a local folder.") from None
+    path = hub.download(repo_id, ["*.json", "*.safetensors", "*.md"], revision, ConversionError, "the checkpoint")
+    if not list(path.glob("*.safetensors")):
+        path = hub.download(repo_id, ["*.json", "*.bin", "*.md"], revision, ConversionError, "the checkpoint")
     return path
 
 

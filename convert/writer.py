@@ -1,7 +1,7 @@
-"""Atomic model-folder output: a temporary sibling folder, sharded safetensors, then one rename.
+"""Model-folder output of a conversion: sharded safetensors, an index, a model card.
 
-An interrupted or failed conversion removes its temporary folder, so OUT_DIR either does not exist
-or is complete. Shards are flushed as they fill so peak memory stays near one shard.
+The folder is built inside ``mlx_elm.atomic.atomic_folder``, so OUT_DIR either does not exist or
+is complete. Shards are flushed as they fill so peak memory stays near one shard.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -29,39 +27,6 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ConversionError(f"cannot parse size {text!r}; use e.g. 2GB, 500MB or a number of bytes.")
     return int(float(m[1]) * 1024 ** ("KMGT".find(m[2].upper()) + 1)) if m[2] else int(float(m[1]))
-
-
-class AtomicDir:
-    """Context manager yielding a temp folder beside ``out``; renamed to ``out`` on ``commit()``."""
-
-    def __init__(self, out: Path, force: bool = False) -> None:
-        self.out = Path(out).absolute()
-        if self.out.exists() and not force:
-            raise ConversionError(f"{self.out} already exists; pass --force to replace it.")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.force = force
-        self.committed = False
-
-    def __enter__(self) -> Path:
-        self.tmp.mkdir()
-        return self.tmp
-
-    def commit(self) -> None:
-        old = None
-        if self.out.exists():
-            if not self.force:
-                raise ConversionError(f"{self.out} appeared during the conversion; pass --force to replace it.")
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        self.committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def __exit__(self, *exc) -> None:
-        if not self.committed:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class ShardWriter:

@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     from mlx_elm.train.distributed import init_world
     from mlx_elm.train.finetune import finetune_model
     from mlx_elm.train.loop import TrainConfig
-    from mlx_elm.train.lora import LoRAConfig
+    from mlx_elm.adapters import LoRAConfig
 
     world = init_world()
     model_dir, data_dir = args.model, args.data

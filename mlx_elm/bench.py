@@ -7,7 +7,6 @@ even when the machine's speed drifts.
 from __future__ import annotations
 
 import gc
-import json
 import statistics
 import tempfile
 import time
@@ -19,9 +18,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_elm.errors import MlxElmError
+from mlx_elm.model_folder import write_random_model
 
 RANDOM_PREFIX = "random:"
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 @dataclass
@@ -38,34 +37,6 @@ class BenchSummary:
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
-
-
-def write_random_model(preset_or_args, dtype: str, folder: Path, seed: int = 0) -> Path:
-    """A model folder with random OpenELM weights (for speed and plumbing, not quality), from a
-    preset name or a ``ModelArgs``."""
-    from mlx.utils import tree_flatten
-
-    from mlx_elm.models.openelm import Model, ModelArgs, preset
-
-    if dtype not in DTYPES:
-        raise MlxElmError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
-    if isinstance(preset_or_args, ModelArgs):
-        args = preset_or_args
-    else:
-        try:
-            args = preset(preset_or_args)
-        except ValueError as e:
-            raise MlxElmError(str(e)) from None
-    mx.random.seed(seed)
-    model = Model(args)
-    model.set_dtype(DTYPES[dtype])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(args.to_dict(), indent=2))
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    del model, weights
-    gc.collect()
-    return folder
 
 
 def time_generation(model, prompt: mx.array, gen_tokens: int, prefill_step: int = 2048) -> RunFigures:

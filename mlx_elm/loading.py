@@ -6,8 +6,6 @@ mlx-lm architecture works and ``model_type: openelm`` gets ``mlx_elm.models.open
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
@@ -17,11 +15,12 @@ import mlx.nn as nn
 
 from mlx_elm.embedded import embedded_model_path
 from mlx_elm.errors import ModelLoadError
+from mlx_elm.hub import MODEL_FILES, download, looks_like_repo_id
+from mlx_elm.model_folder import check_weights, count_parameters, read_config
 from mlx_elm.platform import is_cpu_backend
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALIASES = {DEFAULT_MODEL: "embedded", "default": "embedded", "smollm2": "embedded"}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 REPRESENTATIONS = ("auto", "as-stored", "float32")
 
 
@@ -63,42 +62,12 @@ def resolve_model_path(ref: Optional[str]) -> Path:
         return path
     if path.exists():
         raise ModelLoadError(f"{ref} is a file; --model takes a model folder, a Hub repo id, or an alias")
-    if not _REPO_ID.match(ref) or ref.startswith((".", "/", "~")):
+    if not looks_like_repo_id(ref):
         raise ModelLoadError(
             f"unknown model {ref!r}: not a local folder, a Hub repo id (owner/name), or an alias "
             f"({', '.join(sorted(ALIASES))})"
         )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(
-            ref, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
-        ))
-    except Exception as e:
-        raise ModelLoadError(
-            f"could not get {ref!r} from the Hugging Face Hub ({type(e).__name__}); check the repo "
-            "id, your network, and access rights, or pass a local folder"
-        ) from None
-
-
-def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    if not cfg.exists():
-        raise ModelLoadError(f"{path} has no config.json; is it a model folder? (convert checkpoints with `mlx-elm convert`)")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno}); fix or re-convert it") from None
-
-
-def _check_weights(path: Path) -> None:
-    if list(path.glob("model*.safetensors")):
-        return
-    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
-        raise ModelLoadError(
-            f"{path} holds PyTorch weights only; convert them first: mlx-elm convert {path} OUT_DIR"
-        )
-    raise ModelLoadError(f"no model*.safetensors weights in {path}; re-download or re-convert the model")
+    return download(ref, MODEL_FILES, what="the model")
 
 
 def _has_quantized(model: nn.Module) -> bool:
@@ -135,8 +104,8 @@ def load_model(
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     path = Path(path)
-    config = _read_config(path)
-    _check_weights(path)
+    read_config(path)
+    check_weights(path)
     try:
         model, config = mlx_lm_load_model(path, lazy=True, get_model_classes=get_model_classes)
     except ValueError as e:
@@ -150,10 +119,7 @@ def load_model(
     apply_representation(model, rep)
     if not lazy:
         mx.eval(model.parameters())
-    from mlx.utils import tree_flatten
-
-    n = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.endswith(("scales", "biases")))
-    info = LoadInfo(path, config.get("model_type", "?"), rep, reason, n, config)
+    info = LoadInfo(path, config.get("model_type", "?"), rep, reason, count_parameters(model), config)
     return model, config, info
 
 
@@ -169,7 +135,7 @@ def load_with_info(
     path = resolve_model_path(ref)
     model, config, info = load_model(path, representation)
     if adapter_path is not None:
-        from mlx_elm.train.lora import load_adapters  # mlx-lm's layout, plus embedding adapters
+        from mlx_elm.adapters import load_adapters  # mlx-lm's layout, plus embedding adapters
 
         model = load_adapters(model, str(adapter_path))
         model.eval()

@@ -14,6 +14,7 @@ from typing import Optional, Union
 
 from mlx_elm.atomic import atomic_folder
 from mlx_elm.errors import TokenizerError
+from mlx_elm.hub import download, looks_like_repo_id
 from mlx_elm.platform import cache_home
 
 TOKENIZER_FILES = (
@@ -55,19 +56,6 @@ def has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").exists() or (folder / "tokenizer.model").exists()
 
 
-def _fetch_repo_tokenizer(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(TOKENIZER_FILES)))
-    except Exception as e:
-        raise TokenizerError(
-            f"could not get tokenizer files from Hub repo {repo_id!r} ({type(e).__name__}); "
-            "check the id and your access (gated repos need `huggingface-cli login`) or pass a "
-            "local tokenizer.model"
-        ) from None
-
-
 def install_tokenizer(source: Union[str, Path], out_dir: Path) -> None:
     """Copy tokenizer files from ``source`` into ``out_dir`` (a model folder).
 
@@ -85,8 +73,8 @@ def install_tokenizer(source: Union[str, Path], out_dir: Path) -> None:
         return
     if src.is_dir():
         folder = src
-    elif "/" in str(source) and not str(source).startswith((".", "/", "~")):
-        folder = _fetch_repo_tokenizer(str(source))
+    elif looks_like_repo_id(str(source)):
+        folder = download(str(source), TOKENIZER_FILES, error=TokenizerError, what="tokenizer files")
     else:
         raise TokenizerError(f"tokenizer {str(source)!r} does not exist; {MISSING_TOKENIZER_HINT}")
     if not has_tokenizer(folder):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -30,18 +28,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def spm_model_path(tmp_path_factory) -> Path:
     """A tiny SentencePiece BPE model (vocab 320, byte fallback, Llama-style ids 0/1/2)."""
-    import sentencepiece as spm
+    from mlx_elm.train.tiny import train_tiny_spm
 
-    root = tmp_path_factory.mktemp("spm")
-    rng = random.Random(0)
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(root / "tiny"), vocab_size=320, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-        minloglevel=2,
-    )
-    return root / "tiny.model"
+    return train_tiny_spm(tmp_path_factory.mktemp("spm"))
 
 
 @pytest.fixture(autouse=True)

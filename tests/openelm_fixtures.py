@@ -41,14 +41,10 @@ def numpy_weights(model: Model) -> dict:
 
 
 def save_mlx_folder(model: Model, folder: Path, tokenizer_model: Path | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.args.to_dict(), indent=2))
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    if tokenizer_model is not None:
-        from mlx_elm.tokenizers import install_tokenizer
+    from mlx_elm.model_folder import write_model_folder
 
-        install_tokenizer(tokenizer_model, folder)
-    return folder
+    return write_model_folder(folder, model, model.args.to_dict(),
+                              tokenizer=str(tokenizer_model) if tokenizer_model is not None else None)
 
 
 def save_hf_folder(model: Model, folder: Path) -> Path:

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List
 
-import mlx.core as mx
 
 
 @dataclass
@@ -28,31 +27,20 @@ class BenchRun:
 def make_bench_model(kind: str, out_dir: Path) -> Path:
     """``openelm-270m``: the 270M geometry with random float32 weights and a tiny tokenizer;
     ``smollm2``: the embedded SmolLM2-135M-Instruct as dense float32 (a fair CPU comparison)."""
-    from mlx.utils import tree_flatten
-
     from mlx_elm.loading import load_model, resolve_model_path
-    from mlx_elm.tokenizers import TOKENIZER_FILES, install_tokenizer
+    from mlx_elm.model_folder import write_model_folder, write_random_model
+    from mlx_elm.train.tiny import train_tiny_spm
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "openelm-270m":
-        from mlx_elm.bench import write_random_model
-        from mlx_elm.train.tiny import train_tiny_spm
-
-        write_random_model("OpenELM-270M", "float32", out_dir, seed=0)
-        install_tokenizer(train_tiny_spm(out_dir / "spm"), out_dir)
-        return out_dir
+        spm = train_tiny_spm(out_dir.parent / f"{out_dir.name}-spm")
+        return write_random_model("OpenELM-270M", "float32", out_dir, seed=0, tokenizer=str(spm))
     src = resolve_model_path(None)
     model, config, _ = load_model(src, "float32")
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    mx.save_safetensors(str(out_dir / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            (out_dir / name).write_bytes((src / name).read_bytes())
-    return out_dir
+    return write_model_folder(out_dir, model, config, tokenizer_from=src)
 
 
 def _run(cmd: List[str]) -> str:

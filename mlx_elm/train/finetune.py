@@ -10,9 +10,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from mlx_elm.model_folder import count_parameters
 from mlx_elm.train.data import Dataset, load_dataset
 from mlx_elm.train.distributed import World, init_world
-from mlx_elm.train.lora import (
+from mlx_elm.adapters import (
     AdapterPlan,
     LoRAConfig,
     adapter_config_dict,
@@ -40,7 +41,7 @@ def quantize_in_memory(model: nn.Module, bits: int = 4, group_size: int = 64) ->
 def describe_plan(model: nn.Module, plan: AdapterPlan) -> str:
     n_adapt = len(adapter_modules(model))
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.endswith(("scales", "biases")))
+    total = count_parameters(model)
     kinds = sorted({k.rsplit(".", 1)[-1] for k in plan.keys} | {k.rsplit(".", 1)[-1] for k in plan.embedding_keys})
     msg = (f"adapters on {n_adapt} modules ({', '.join(kinds)}) in the last {plan.num_layers} blocks; "
            f"trainable {trainable / 1e6:.3f}M of {total / 1e6:.1f}M parameters ({100 * trainable / max(total, 1):.2f}%)")

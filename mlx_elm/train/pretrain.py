@@ -13,10 +13,9 @@ from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_elm.errors import TrainingError
-from mlx_elm.train.checkpoint import atomic_save_safetensors, atomic_write_json
+from mlx_elm.model_folder import count_parameters, update_model_files
 from mlx_elm.train.data import load_dataset
 from mlx_elm.train.distributed import init_world
 from mlx_elm.train.loop import TrainConfig, TrainResult, train
@@ -50,13 +49,6 @@ def build_model(config: dict, seed: int = 0) -> Tuple[nn.Module, dict]:
         raise TrainingError(f"cannot build a {config.get('model_type')} model from --config: {str(e).splitlines()[0]}") from None
     mx.eval(model.parameters())
     return model, config
-
-
-def save_model_folder(model: nn.Module, config: dict, out_dir: Path) -> None:
-    """config.json + model.safetensors, each written atomically (tokenizer files are already there)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(out_dir / "model.safetensors", dict(tree_flatten(model.parameters())))
-    atomic_write_json(out_dir / "config.json", config)
 
 
 def pretrain(
@@ -93,12 +85,12 @@ def pretrain(
                             "raise vocab_size in --config")
     model, config = build_model(config, cfg.seed)
     data = load_dataset(data_dir, tok, cfg.max_seq_length, pack=pack)
-    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_params = count_parameters(model)
     if world.is_main:
         log(f"model: {config.get('model_type')} with {n_params / 1e6:.2f}M parameters, from scratch")
         log(f"data: {data.summary()}")
     fp = {"config": config}
-    result = train(model, data, cfg, out_dir, lambda m: save_model_folder(m, config, out_dir), fingerprint=fp,
+    result = train(model, data, cfg, out_dir, lambda m: update_model_files(out_dir, m, config), fingerprint=fp,
                    world=world, log=log)
     if world.is_main:
         log(result.summary())

@@ -31,14 +31,11 @@ def train_tiny_spm(out_dir: Path, vocab_size: int = 320, seed: int = 0) -> Path:
 
 def make_tiny_openelm(out_dir: Path, tokenizer_model: Path, seed: int = 0, **overrides) -> Path:
     """A random tiny OpenELM model folder (config.json, model.safetensors, tokenizer)."""
-    from mlx_elm.bench import write_random_model
+    from mlx_elm.model_folder import write_random_model
     from mlx_elm.models.openelm import ModelArgs
-    from mlx_elm.tokenizers import install_tokenizer
 
-    out_dir = Path(out_dir)
-    write_random_model(ModelArgs(**dict(TINY_OPENELM, **overrides)), "float32", out_dir, seed)
-    install_tokenizer(tokenizer_model, out_dir)
-    return out_dir
+    return write_random_model(ModelArgs(**dict(TINY_OPENELM, **overrides)), "float32", out_dir, seed,
+                              tokenizer=str(tokenizer_model))
 
 
 def write_text_data(folder: Path, n_train: int = 64, n_valid: int = 8, seed: int = 0, words: int = 24) -> Path:

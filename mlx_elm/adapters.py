@@ -1,13 +1,24 @@
-"""LoRA / DoRA adapters on any model, in mlx-lm's file layout.
+"""LoRA / DoRA adapters on any model, in mlx-lm's file layout: where they go, how they are saved
+and loaded. Loading an adapter is part of loading a model, so this lives in the core; training
+(``mlx_elm.train``) only decides their values.
 
 mlx-lm's ``LoRALinear``, ``DoRALinear``, ``LoRAEmbedding``, ``DoRAEmbedding`` and
 ``LoRASwitchLinear`` (MoE experts) do the math; this module decides *where* they go:
 
 - ``targets`` are module-name suffixes (``qkv_proj``, ``self_attn.q_proj``), ``all-linear``, or
-  ``embedding`` (the token embedding, which lives outside the transformer blocks; when it is tied
-  to the output head, ``as_linear`` adapts the head too, as corenet does);
+  ``embedding`` (the token embedding, which lives outside the transformer blocks);
 - every requested target must match at least one module, and the modules that hold weights but
   were not adapted are reported, so nothing (e.g. expert layers) is skipped silently.
+
+**An adapted embedding tied to the output head** (the one semantic difference between anchors):
+- OpenELM (``embedding_head: "base"``): corenet computes logits with the *base* embedding weight
+  (``F.linear(x, token_embeddings.weight)``, and its LoRA embedding's ``.weight`` is the base
+  weight), so the adapter changes the inputs only. :class:`InputOnlyLoRAEmbedding` does the same,
+  and fusing writes an untied ``lm_head.weight`` holding the base rows, as ``convert/lora.py`` does.
+- every other model (``embedding_head: "adapted"``): mlx-lm's ``LoRAEmbedding.as_linear`` adds the
+  adapter to the head as well, and fusing keeps the model tied, as ``mlx_lm.fuse`` does.
+Adapter folders record which one they were trained with; a folder without the key was written by
+mlx-lm or by mlx-elm 0.1, both of which used ``"adapted"``.
 
 ``adapter_config.json`` carries mlx-lm's fields (``fine_tune_type``, ``num_layers``,
 ``lora_parameters`` with ``rank``/``scale``/``dropout``/``keys``), so mlx-lm's ``load_adapters``
@@ -29,11 +40,12 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
+from mlx_elm.atomic import atomic_file
 from mlx_elm.errors import TrainingError
 
 LINEAR_TYPES = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
 EMBEDDING_TYPES = (nn.Embedding, nn.QuantizedEmbedding)
-ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding, LoRASwitchLinear)
+ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding, LoRASwitchLinear)  # incl. subclasses
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 EMBEDDING_ALIASES = ("embedding", "embeddings", "token_embeddings", "embed_tokens", "wte", "tok_embeddings")
 ADAPTER_FILE = "adapters.safetensors"
@@ -41,6 +53,49 @@ CONFIG_FILE = "adapter_config.json"
 
 # corenet's OpenELM recipe (openelm_lora_*.yaml): r 32, alpha 32, dropout 0.1, these modules.
 OPENELM_TARGETS = ("embedding", "qkv_proj", "out_proj", "proj_1", "proj_2")
+HEAD_BASE, HEAD_ADAPTED = "base", "adapted"
+
+
+class InputOnlyLoRAEmbedding(LoRAEmbedding):
+    """corenet's LoRA embedding: the adapter changes the looked-up inputs; a tied head reads the
+    base weight."""
+
+    @classmethod
+    def from_base(cls, embedding: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        rows, dims = embedding.weight.shape
+        if isinstance(embedding, nn.QuantizedEmbedding):
+            dims = dims * 32 // embedding.bits
+        adapter = cls(rows, dims, r=r, dropout=dropout, scale=scale)
+        adapter.embedding = embedding
+        return adapter
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.embedding.as_linear(x)
+
+
+class InputOnlyDoRAEmbedding(DoRAEmbedding):
+    """DoRA counterpart of :class:`InputOnlyLoRAEmbedding`."""
+
+    @classmethod
+    def from_base(cls, embedding: nn.Module, r: int = 8, dropout: float = 0.0, scale: float = 20.0):
+        if isinstance(embedding, nn.QuantizedEmbedding):
+            raise TrainingError("DoRA on a quantized embedding is not supported; use LoRA (drop --dora)")
+        rows, dims = embedding.weight.shape
+        adapter = cls(rows, dims, r=r, dropout=dropout, scale=scale)
+        adapter.set_embedding(embedding)
+        return adapter
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return self.embedding.as_linear(x)
+
+
+INPUT_ONLY_TYPES = (InputOnlyLoRAEmbedding, InputOnlyDoRAEmbedding)
+
+
+def embedding_head_semantics(model_type: str) -> str:
+    """What a tied head reads once the embedding is adapted: the base rows (corenet, for OpenELM)
+    or the adapted ones (mlx-lm, for everything else)."""
+    return HEAD_BASE if model_type == "openelm" else HEAD_ADAPTED
 
 
 @dataclass
@@ -53,6 +108,7 @@ class LoRAConfig:
     targets: Tuple[str, ...] = ("all-linear",)
     num_layers: int = -1  # the last N blocks; -1 = all
     dora: bool = False
+    embedding_head: str = HEAD_ADAPTED  # see the module docstring
 
     @property
     def scale(self) -> float:
@@ -71,7 +127,8 @@ class LoRAConfig:
 def default_lora_config(model_type: str) -> LoRAConfig:
     """corenet's recipe for OpenELM; a common small-rank setting elsewhere."""
     if model_type == "openelm":
-        return LoRAConfig(rank=32, alpha=32.0, dropout=0.1, targets=OPENELM_TARGETS)
+        return LoRAConfig(rank=32, alpha=32.0, dropout=0.1, targets=OPENELM_TARGETS,
+                          embedding_head=embedding_head_semantics(model_type))
     return LoRAConfig(rank=8, alpha=16.0, dropout=0.0, targets=("all-linear",))
 
 
@@ -85,7 +142,8 @@ def resolve_lora_config(model_type: str, rank: Optional[int] = None, alpha: Opti
     if alpha is None:
         alpha = d.alpha if rank is None else d.scale * r
     return LoRAConfig(rank=r, alpha=float(alpha), dropout=d.dropout if dropout is None else dropout,
-                      targets=tuple(targets) if targets else d.targets, num_layers=num_layers, dora=dora).validate()
+                      targets=tuple(targets) if targets else d.targets, num_layers=num_layers, dora=dora,
+                      embedding_head=d.embedding_head).validate()
 
 
 def _adaptable(m: nn.Module) -> bool:
@@ -166,6 +224,10 @@ def _make_adapter(m: nn.Module, cfg: LoRAConfig) -> nn.Module:
             raise TrainingError("DoRA is not available for MoE expert layers; use LoRA (drop --dora)")
         return LoRASwitchLinear.from_base(m, **kw)
     if isinstance(m, EMBEDDING_TYPES):
+        if cfg.embedding_head == HEAD_BASE:
+            return (InputOnlyDoRAEmbedding if cfg.dora else InputOnlyLoRAEmbedding).from_base(m, **kw)
+        if cfg.embedding_head != HEAD_ADAPTED:
+            raise TrainingError(f"embedding_head {cfg.embedding_head!r} must be {HEAD_BASE!r} or {HEAD_ADAPTED!r}")
         return (DoRAEmbedding if cfg.dora else LoRAEmbedding).from_base(m, **kw)
     raise TrainingError(f"cannot put an adapter on a {type(m).__name__}")
 
@@ -206,6 +268,7 @@ def adapter_config_dict(cfg: LoRAConfig, plan: AdapterPlan, base_model: Optional
         "alpha": cfg.alpha,
         "targets": list(cfg.targets),
         "embedding_keys": plan.embedding_keys,
+        "embedding_head": cfg.embedding_head,
         "model": base_model,
     }
     d.update(extra or {})
@@ -214,12 +277,12 @@ def adapter_config_dict(cfg: LoRAConfig, plan: AdapterPlan, base_model: Optional
 
 def save_adapters(model: nn.Module, folder: Path, config: dict) -> None:
     """Write ``adapters.safetensors`` and ``adapter_config.json`` atomically into ``folder``."""
-    from mlx_elm.train.checkpoint import atomic_write_json, atomic_save_safetensors
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(folder / ADAPTER_FILE, adapter_weights(model))
-    atomic_write_json(folder / CONFIG_FILE, config)
+    with atomic_file(folder / ADAPTER_FILE) as tmp:
+        mx.save_safetensors(str(tmp), adapter_weights(model), metadata={"format": "mlx"})
+    with atomic_file(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -237,7 +300,8 @@ def config_from_dict(d: dict) -> Tuple[LoRAConfig, AdapterPlan]:
     rank = int(lp.get("rank", 8))
     cfg = LoRAConfig(rank=rank, alpha=float(d.get("alpha", lp.get("scale", 1.0) * rank)),
                      dropout=float(lp.get("dropout", 0.0)), targets=tuple(d.get("targets", ("all-linear",))),
-                     num_layers=int(d.get("num_layers", -1)), dora=d.get("fine_tune_type") == "dora")
+                     num_layers=int(d.get("num_layers", -1)), dora=d.get("fine_tune_type") == "dora",
+                     embedding_head=d.get("embedding_head", HEAD_ADAPTED))
     keys = lp.get("keys")
     return cfg, AdapterPlan(list(keys) if keys is not None else [], list(d.get("embedding_keys", [])),
                             int(d.get("num_layers", -1)))
@@ -254,7 +318,7 @@ def load_adapters(model: nn.Module, folder, strict: bool = True) -> nn.Module:
         plan.num_layers = len(model.layers)
     if d.get("lora_parameters", {}).get("keys") is None:  # mlx-lm without keys: all linears
         plan = plan_adapters(model, LoRAConfig(cfg.rank, cfg.alpha, cfg.dropout, ("all-linear",),
-                                               plan.num_layers, cfg.dora))
+                                               plan.num_layers, cfg.dora, cfg.embedding_head))
     apply_adapters(model, cfg, plan)
     weights = mx.load(str(folder / ADAPTER_FILE))
     params = {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
