@@ -82,7 +82,7 @@ def _run(tiny, tok, out, iters, interrupt_at=None, resume=False, **kw):
     cfg = TrainConfig(batch_size=4, iters=iters, learning_rate=3e-3, warmup_steps=2, grad_accumulation=2,
                       steps_per_eval=4, save_every=2, seed=7, resume=resume, progress=False, **kw)
 
-    def on_step(step, loss):
+    def on_step(step, loss, metrics):
         if step == interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, caught by the loop
 

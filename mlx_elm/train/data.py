@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -214,12 +214,20 @@ def pack_examples(examples: List[Example], max_seq_length: int) -> List[Example]
 
 @dataclass
 class Dataset:
-    """The tokenized splits of a data folder."""
+    """The splits a training run reads: token examples by default, or any examples (speech
+    utterances, video clips) with their own ``collate`` (examples → tuple of numpy arrays, the
+    loss function's arguments) and ``length`` (used to group similar lengths into a batch)."""
 
     train: TokenizedSplit
     valid: Optional[TokenizedSplit] = None
     test: Optional[TokenizedSplit] = None
     folder: Optional[Path] = None
+    collate: Callable[[list], tuple] = field(default=None, repr=False)
+    length: Callable[[Any], int] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.collate = self.collate or collate
+        self.length = self.length or token_length
 
     def summary(self) -> str:
         parts = []
@@ -268,20 +276,27 @@ class Position:
     index: int = 0
 
 
+def token_length(example: Example) -> int:
+    return len(example.tokens)
+
+
 @dataclass
 class Batcher:
     """Length-sorted global batches, reshuffled each epoch from ``(seed, epoch)``.
 
     Sorting by length before grouping keeps padding small; shuffling whole batches keeps the
     order random. ``rank``/``world`` select this process's slice of every global batch.
+    ``collate`` and ``length`` default to token examples; other rooms pass their own.
     """
 
-    examples: List[Example]
+    examples: List[Any]
     batch_size: int
     seed: int = 0
     rank: int = 0
     world: int = 1
     shuffle: bool = True
+    collate: Callable[[list], tuple] = field(default=None, repr=False)
+    length: Callable[[Any], int] = field(default=None, repr=False)
     groups: List[List[int]] = field(init=False)
 
     def __post_init__(self):
@@ -292,7 +307,9 @@ class Batcher:
         if n < self.batch_size:
             raise TrainingError(f"only {n} training examples but --batch-size is {self.batch_size}; "
                                 "add data or lower --batch-size")
-        order = sorted(range(n), key=lambda i: (len(self.examples[i].tokens), i))
+        self.collate = self.collate or collate
+        self.length = self.length or token_length
+        order = sorted(range(n), key=lambda i: (self.length(self.examples[i]), i))
         self.groups = [order[i : i + self.batch_size] for i in range(0, n - self.batch_size + 1, self.batch_size)]
 
     @property
@@ -313,10 +330,10 @@ class Batcher:
             return Position(pos.epoch + 1, 0)
         return Position(pos.epoch, pos.index + 1)
 
-    def batch(self, pos: Position) -> Tuple[np.ndarray, np.ndarray]:
-        return collate([self.examples[i] for i in self.local_indices(pos)])
+    def batch(self, pos: Position) -> tuple:
+        return self.collate([self.examples[i] for i in self.local_indices(pos)])
 
-    def iterate(self, pos: Position) -> Iterator[Tuple[Position, Tuple[np.ndarray, np.ndarray]]]:
+    def iterate(self, pos: Position) -> Iterator[Tuple[Position, tuple]]:
         """Endless stream of ``(position after this batch, batch)`` starting at ``pos``."""
         while True:
             batch = self.batch(pos)
@@ -335,12 +352,14 @@ def collate(examples: List[Example], pad_id: int = 0) -> Tuple[np.ndarray, np.nd
     return tokens, mask[:, 1:]
 
 
-def iterate_eval(examples: List[Example], batch_size: int, rank: int = 0, world: int = 1,
-                 max_batches: int = -1) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def iterate_eval(examples: List[Any], batch_size: int, rank: int = 0, world: int = 1,
+                 max_batches: int = -1, collate_fn: Optional[Callable[[list], tuple]] = None,
+                 length: Optional[Callable[[Any], int]] = None) -> Iterator[tuple]:
     """Fixed-order batches for validation; each process evaluates its own slice."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    collate_fn, length = collate_fn or collate, length or token_length
+    order = sorted(range(len(examples)), key=lambda i: length(examples[i]))
     mine = order[rank::world]
     for k, i in enumerate(range(0, len(mine), batch_size)):
         if 0 <= max_batches <= k:
             break
-        yield collate([examples[j] for j in mine[i : i + batch_size]])
+        yield collate_fn([examples[j] for j in mine[i : i + batch_size]])

@@ -10,13 +10,14 @@ exactly; Ctrl-C saves one before exiting.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -83,6 +84,7 @@ class TrainResult:
     total_steps: int
     losses: List[float] = field(default_factory=list)  # mean train loss per optimizer step
     val_losses: List[tuple] = field(default_factory=list)  # (step, loss)
+    metrics: List[Dict[str, float]] = field(default_factory=list)  # per optimizer step, from the loss function
     tokens: int = 0
     seconds: float = 0.0
     peak_memory_gb: float = 0.0
@@ -158,13 +160,31 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def evaluate(model: nn.Module, examples, batch_size: int, world: World, max_batches: int = -1) -> float:
-    """Mean target-token loss over (a prefix of) ``examples``, summed over all processes."""
+def _split_output(out) -> Tuple[mx.array, mx.array, Dict[str, mx.array]]:
+    """A loss function returns ``(sum, count)`` or ``(sum, count, metrics)``."""
+    if len(out) == 3:
+        return out[0], out[1], dict(out[2])
+    return out[0], out[1], {}
+
+
+def _wants_step(loss_fn: Callable) -> bool:
+    try:
+        return "step" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def evaluate(model: nn.Module, data: Dataset, batch_size: int, world: World, max_batches: int = -1,
+             loss_fn: Callable = None) -> float:
+    """Mean loss per target over (a prefix of) the validation split, summed over all processes."""
+    loss_fn = loss_fn or masked_loss_sum
     was_training = model.training
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
-    for tokens, mask in iterate_eval(examples, batch_size, world.rank, world.size, max_batches):
-        s, n = masked_loss_sum(model, mx.array(tokens), mx.array(mask))
+    for batch in iterate_eval(data.valid.examples, batch_size, world.rank, world.size, max_batches,
+                              data.collate, data.length):
+        kwargs = {"step": mx.array(0)} if _wants_step(loss_fn) else {}
+        s, n, _ = _split_output(loss_fn(model, *(mx.array(b) for b in batch), **kwargs))
         total, count = total + s, count + n
         mx.eval(total, count)
     total, count = all_sum((total, count), world)
@@ -177,6 +197,27 @@ def _batch_seed(seed: int, micro_step: int) -> int:
     return (seed * 1_000_003 + micro_step) % (2**63)
 
 
+def _gradient_function(model: nn.Module, loss_fn: Callable, compile_: bool) -> Callable:
+    """``(batch arrays, step) -> ((sum, count, metrics), grads)``, compiled when asked."""
+    wants_step = _wants_step(loss_fn)
+
+    def objective(model, step, *batch):
+        out = loss_fn(model, *batch, step=step) if wants_step else loss_fn(model, *batch)
+        total, count, metrics = _split_output(out)
+        return total, (count, metrics)
+
+    value_and_grad = nn.value_and_grad(model, lambda *a: objective(model, *a))
+
+    def fn(step, *batch):
+        (total, (count, metrics)), grads = value_and_grad(step, *batch)
+        return (total, count, metrics), grads
+
+    if compile_:
+        state = [model.state, mx.random.state]
+        fn = mx.compile(fn, inputs=state, outputs=state)
+    return fn
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -185,15 +226,25 @@ def train(
     save_fn: Callable[[nn.Module], None],
     fingerprint: Optional[dict] = None,
     world: Optional[World] = None,
-    on_step: Optional[Callable[[int, float], None]] = None,
+    on_step: Optional[Callable[[int, float, Dict[str, float]], None]] = None,
     log: Callable[[str], None] = print,
+    loss_fn: Optional[Callable] = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model``; ``save_fn`` writes the deliverable (adapters or
-    model folder) on rank 0 at every checkpoint and at the end."""
+    model folder) on rank 0 at every checkpoint and at the end.
+
+    ``loss_fn(model, *batch[, step=])`` returns the *summed* loss over its targets, their number,
+    and optionally a dict of scalar metrics (averaged over micro-batches and processes, logged and
+    kept in ``TrainResult.metrics``); it defaults to the masked LM cross-entropy. ``batch`` is what
+    ``data.collate`` makes; a loss function that names a ``step`` parameter gets the optimizer step
+    as an array (curricula), without recompiling.
+    """
     cfg.validate()
+    loss_fn = loss_fn or masked_loss_sum
     world = world or init_world()
     out_dir = Path(out_dir)
-    batcher = Batcher(data.train.examples, cfg.batch_size, cfg.seed, world.rank, world.size)
+    batcher = Batcher(data.train.examples, cfg.batch_size, cfg.seed, world.rank, world.size,
+                      collate=data.collate, length=data.length)
     total = cfg.total_steps(batcher.batches_per_epoch)
     optimizer = build_optimizer(cfg.learning_rate, total, cfg.warmup_steps, cfg.min_lr, cfg.weight_decay)
     fp = json.loads(json.dumps(dict(cfg.fingerprint(), **(fingerprint or {}), train_examples=len(data.train.examples))))
@@ -204,15 +255,7 @@ def train(
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model)
     model.train()
-
-    value_and_grad = nn.value_and_grad(model, masked_loss_sum)
-
-    def loss_and_grad(tokens, mask):
-        return value_and_grad(model, tokens, mask)
-
-    if cfg.compile:
-        cstate = [model.state, mx.random.state]
-        loss_and_grad = mx.compile(loss_and_grad, inputs=cstate, outputs=cstate)
+    grad_fn = _gradient_function(model, loss_fn, cfg.compile)
 
     result = TrainResult(step=state.step, total_steps=total)
     pos = Position(state.epoch, state.index)
@@ -239,32 +282,35 @@ def train(
                 result.interrupted = True
                 break
             tic = time.perf_counter()
-            grads, loss_sum, ntok = None, mx.array(0.0), mx.array(0.0)
+            grads, loss_sum, ntok, metric_sums = None, mx.array(0.0), mx.array(0.0), {}
             for _ in range(cfg.grad_accumulation):
-                tokens, mask = batcher.batch(pos)
+                batch = batcher.batch(pos)
                 mx.random.seed(_batch_seed(cfg.seed, state.micro_step))
-                (s, n), g = loss_and_grad(mx.array(tokens), mx.array(mask))
+                (s, n, metrics), g = grad_fn(mx.array(state.step), *(mx.array(b) for b in batch))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 loss_sum, ntok = loss_sum + s, ntok + n
+                metric_sums = {k: metric_sums.get(k, 0.0) + v for k, v in metrics.items()}
                 pos = batcher.advance(pos)
                 state.micro_step += 1
-            grads, loss_sum, ntok = all_sum((grads, loss_sum, ntok), world)
+            grads, loss_sum, ntok, metric_sums = all_sum((grads, loss_sum, ntok, metric_sums), world)
             denom = mx.maximum(ntok, 1.0)
             grads = tree_map(lambda x: x / denom, grads)
             if cfg.grad_clip > 0:
                 grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
             optimizer.update(model, grads)
-            mx.eval(model.trainable_parameters(), optimizer.state, loss_sum, ntok)
+            mx.eval(model.trainable_parameters(), optimizer.state, loss_sum, ntok, metric_sums)
             t_train += time.perf_counter() - tic
             state.step += 1
             state.epoch, state.index = pos.epoch, pos.index
             loss = (loss_sum / denom).item()
             n_tok = int(ntok.item())
+            step_metrics = {k: v.item() / (cfg.grad_accumulation * world.size) for k, v in metric_sums.items()}
             state.tokens += n_tok
             result.tokens += n_tok
             result.losses.append(loss)
+            result.metrics.append(step_metrics)
             if on_step is not None:
-                on_step(state.step, loss)
+                on_step(state.step, loss, step_metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{result.tokens / max(t_train, 1e-9):.0f}",
@@ -273,7 +319,7 @@ def train(
             if data.valid is not None and cfg.steps_per_eval > 0 and (
                 state.step % cfg.steps_per_eval == 0 or state.step == total
             ):
-                val = evaluate(model, data.valid.examples, cfg.batch_size, world, cfg.val_batches)
+                val = evaluate(model, data, cfg.batch_size, world, cfg.val_batches, loss_fn)
                 result.val_losses.append((state.step, val))
                 if main:
                     msg = f"step {state.step}: val loss {val:.3f}, val ppl {math.exp(min(val, 50)):.2f}"
