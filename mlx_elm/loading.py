@@ -12,9 +12,11 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.utils import _get_classes
 
 from mlx_elm.embedded import embedded_model_path
 from mlx_elm.errors import ModelLoadError
+from mlx_elm.models import model_classes
 from mlx_elm.hub import MODEL_FILES, download, looks_like_repo_id
 from mlx_elm.model_folder import check_weights, count_parameters, read_config
 from mlx_elm.platform import is_cpu_backend
@@ -41,15 +43,10 @@ class LoadInfo:
 
 
 def get_model_classes(config: dict):
-    """mlx-lm's hook: our classes for our model types, mlx-lm's for everything else."""
-    model_type = config.get("model_type")
-    if model_type == "openelm":
-        from mlx_elm.models import openelm
-
-        return openelm.Model, openelm.ModelArgs
-    from mlx_lm.utils import _get_classes
-
-    return _get_classes(config)
+    """mlx-lm's hook: our classes for our model types (``mlx_elm.models.MODEL_TYPES``), mlx-lm's
+    for everything else."""
+    ours = model_classes(config.get("model_type"))
+    return ours if ours is not None else _get_classes(config)
 
 
 def resolve_model_path(ref: Optional[str]) -> Path:
