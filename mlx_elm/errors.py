@@ -42,3 +42,7 @@ class DiffusionError(MlxElmError):
 
 class NgramError(MlxElmError):
     """Invalid n-gram model or construction options."""
+
+
+class VideoError(MlxElmError):
+    """An unreadable, empty or over-budget video, a bad transcript, or invalid video-model options."""
