@@ -2,8 +2,8 @@
 
 Our stand-in for a pretrained image tower: frames come from the moving-shapes generator, and for
 every cell of the pooled ``pool_grid`` x ``pool_grid`` grid the encoder must say, per colour,
-whether an object's centre lies in the cell, where exactly (offset within the cell), its shape
-and its size. The pooled tokens therefore carry *what* and *where* with sub-cell precision, which
+how much of the cell an object covers, where its centre is (relative to the cell), its shape and
+its size. The pooled tokens therefore carry *what* and *where* with sub-cell precision, which
 the segment encoder needs to see motion. Frames are rendered on the fly from integer seeds, so the
 data set is a list of ints and the shared training loop (checkpoints, exact resume) runs it.
 """
@@ -48,17 +48,25 @@ class FramePretrainModel(nn.Module):
         return self.head(self.encoder.features(frames))
 
 
-def frame_targets(scene: S.Scene, t: float, grid: int) -> np.ndarray:
-    """``[grid*grid, colours, 5]``: presence, dx, dy (in [-0.5, 0.5] of a cell), shape id, size (1 = large)."""
+def frame_targets(scene: S.Scene, t: float, grid: int, size: int = 64) -> np.ndarray:
+    """``[grid*grid, colours, 5]``: coverage (share of the cell's pixels the object covers, 0 when
+    absent), the object's centre relative to the cell centre (dx, dy in cells), shape id and
+    size (1 = large), for every cell an object of that colour touches."""
     y = np.zeros((grid * grid, N_COLOURS, 5), dtype=np.float32)
+    coords = (np.arange(size) + 0.5) / size
+    xs, ys = np.meshgrid(coords, coords)
+    cell = size // grid
     for o in scene.objects:
         s = S.object_state(o, t)
         if not s.visible:
             continue
-        cx, cy = min(int(s.x * grid), grid - 1), min(int(s.y * grid), grid - 1)
+        mask = S.shape_mask(s.shape, xs, ys, s.x, s.y, S.SIZES[s.size])
+        cover = mask.reshape(grid, cell, grid, cell).mean(axis=(1, 3)).ravel()
         c = COLOUR_NAMES.index(s.colour)
-        y[cy * grid + cx, c] = (1.0, s.x * grid - cx - 0.5, s.y * grid - cy - 0.5, S.SHAPES.index(s.shape),
-                                float(s.size == "large"))
+        for k in np.nonzero(cover)[0]:
+            cy, cx = divmod(int(k), grid)
+            y[k, c] = (min(1.0, cover[k] * 4.0), s.x * grid - cx - 0.5, s.y * grid - cy - 0.5, S.SHAPES.index(s.shape),
+                       float(s.size == "large"))
     return y
 
 
@@ -70,7 +78,7 @@ def render_example(seed: int, size: int, grid: int, base_seed: int = 0) -> Tuple
     rng = np.random.default_rng([base_seed, 7919, seed])
     scene = S.sample_scene(rng, FRAME_SPLIT)
     t = float(rng.uniform(0.0, scene.duration))
-    return S.render_frame(scene, t, size), frame_targets(scene, t, grid)
+    return S.render_frame(scene, t, size), frame_targets(scene, t, grid, size)
 
 
 def make_collate(size: int, grid: int, base_seed: int = 0):
@@ -84,15 +92,16 @@ def make_collate(size: int, grid: int, base_seed: int = 0):
 def dense_loss(model: FramePretrainModel, frames: mx.array, targets: mx.array):
     """Summed per-frame loss (presence BCE + masked offset MSE, shape CE, size BCE) and frame count."""
     out = model(frames)
-    present = targets[..., 0]
-    bce = nn.losses.binary_cross_entropy(out[..., 0], present, with_logits=True, reduction="none")
+    cover = targets[..., 0]
+    present = (cover > 0).astype(mx.float32)
+    bce = nn.losses.binary_cross_entropy(out[..., 0], cover, with_logits=True, reduction="none")
     off = ((out[..., 1:3] - targets[..., 1:3]) ** 2).sum(-1) * 4.0
     shape = nn.losses.cross_entropy(out[..., 3 : 3 + N_SHAPES], targets[..., 3].astype(mx.int32), reduction="none")
     size = nn.losses.binary_cross_entropy(out[..., 3 + N_SHAPES], targets[..., 4], with_logits=True, reduction="none")
     per = bce + present * (off + shape + size)
     total = per.sum()
     n = mx.array(float(frames.shape[0]))
-    acc = ((out[..., 0] > 0) == (present > 0.5)).astype(mx.float32).mean()
+    acc = ((out[..., 0] > 0) == (cover >= 0.5)).astype(mx.float32).mean()
     return total, n, {"presence_acc": acc}
 
 

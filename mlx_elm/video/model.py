@@ -157,3 +157,26 @@ def load_aligner(folder: Path, cfg: AlignerConfig) -> Aligner:
 def default_model_dir() -> Path:
     """The small video model shipped with the package (see docs/video.md for how it was trained)."""
     return Path(__file__).parent / "pretrained"
+
+
+def export_model_folder(src: Path, dst: Path) -> Path:
+    """A compact copy of a trained model folder for shipping: configs, the encoder and aligner
+    (float16 already) and the adapters cast to float16; atomically replaces ``dst``."""
+    import shutil
+
+    from mlx_elm.adapters import ADAPTER_FILE, CONFIG_FILE as ADAPTER_CONFIG
+    from mlx_elm.atomic import atomic_folder
+
+    src, dst = Path(src), Path(dst)
+    read_config(src)
+    with atomic_folder(dst) as tmp:
+        shutil.copyfile(src / CONFIG_FILE, tmp / CONFIG_FILE)
+        shutil.copyfile(src / ALIGNER_FILE, tmp / ALIGNER_FILE)
+        shutil.copytree(src / ENCODER_DIR, tmp / ENCODER_DIR, ignore=shutil.ignore_patterns("checkpoints", ".*"))
+        if (src / ADAPTER_DIR / ADAPTER_FILE).exists():
+            (tmp / ADAPTER_DIR).mkdir()
+            weights = mx.load(str(src / ADAPTER_DIR / ADAPTER_FILE))
+            mx.save_safetensors(str(tmp / ADAPTER_DIR / ADAPTER_FILE), {k: v.astype(mx.float16) for k, v in weights.items()},
+                                metadata={"format": "mlx"})
+            shutil.copyfile(src / ADAPTER_DIR / ADAPTER_CONFIG, tmp / ADAPTER_DIR / ADAPTER_CONFIG)
+    return dst

@@ -234,7 +234,7 @@ def reverse_scene(scene: Scene) -> Scene:
 # --- rendering ---------------------------------------------------------------------------------
 
 
-def _mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def shape_mask(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
         return dx * dx + dy * dy <= r * r
@@ -257,7 +257,7 @@ def render_frame(scene: Scene, t: float, size: int = 64) -> np.ndarray:
     for o in scene.objects:
         s = object_state(o, t)
         if s.visible:
-            img[_mask(s.shape, xs, ys, s.x, s.y, SIZES[s.size])] = COLOURS[s.colour]
+            img[shape_mask(s.shape, xs, ys, s.x, s.y, SIZES[s.size])] = COLOURS[s.colour]
     return img
 
 
@@ -412,15 +412,16 @@ def sample_long_scene(rng: np.random.Generator, duration: float, evidence_fracti
                       seed: Tuple[int, ...] = ()) -> Scene:
     """A clip of ``duration`` seconds with steady distractor traffic and two *target* objects.
 
-    Target A appears at ``evidence_fraction * duration`` and moves (no bounce) for up to 6 s;
+    Target A appears at ``evidence_fraction * duration`` (within [0.5 s, duration - 1.5 s]) and
+    moves (no bounce) for up to 6 s;
     target B appears ``gap`` seconds before or after it. Distractors never use the targets'
     colours, so questions about A and B are unambiguous however long the clip is.
     """
     T = float(duration)
     colours = list(rng.permutation(list(COLOURS)))
     ca, cb, rest = str(colours[0]), str(colours[1]), [str(c) for c in colours[2:]]
-    life = min(6.0, T - 1.0)
-    t_a = float(np.clip(np.round(evidence_fraction * T, 1), 0.5, max(T - life, 0.5)))
+    t_a = float(np.clip(np.round(evidence_fraction * T, 1), 0.5, T - 1.5))
+    life = min(6.0, T - t_a)
     after = t_a + gap
     t_b = after if after + 1.0 <= T and (rng.random() < 0.5 or t_a - gap < 0.5) else t_a - gap
     t_b = float(np.clip(np.round(t_b, 1), 0.5, T - 1.0))

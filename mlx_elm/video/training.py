@@ -360,7 +360,7 @@ def load_training_data(cfg: VideoTrainConfig, encoder, log=print) -> TrainingDat
     return TrainingData(scenes, rows, vscenes, vrows, feats)
 
 
-def run_stage0(cfg: VideoTrainConfig, td: TrainingData, aligner: Aligner, log) -> dict:
+def run_stage0(cfg: VideoTrainConfig, td: TrainingData, aligner: Aligner, log, on_step=None) -> dict:
     folder = Path(cfg.out) / "stage0"
     done = _stage_done(folder)
     if done is not None:
@@ -380,7 +380,7 @@ def run_stage0(cfg: VideoTrainConfig, td: TrainingData, aligner: Aligner, log) -
     log(f"stage 0: segment encoder + resampler on segment facts, {len(train_ex)} clips (incl. reversed), "
         f"{cfg.stage0.iters} steps x {cfg.stage0.batch_size}")
     res = train(model, data, tc, folder, lambda m: save_aligner(folder, m.aligner),
-                fingerprint={"stage": 0, "aligner": cfg.aligner.to_dict()}, loss_fn=P.probe_loss, log=log)
+                fingerprint={"stage": 0, "aligner": cfg.aligner.to_dict()}, loss_fn=P.probe_loss, log=log, on_step=on_step)
     if res.interrupted:
         raise KeyboardInterrupt
     info = _mark_done(folder, res, {"direction_acc": res.metrics[-1].get("direction_acc") if res.metrics else None})
@@ -396,7 +396,7 @@ def _decoder(cfg: VideoTrainConfig):
     return EmbeddingDecoder(base), tokenizer, info
 
 
-def run_stage1(cfg: VideoTrainConfig, td: TrainingData, model: VideoLM, tokenizer, log) -> dict:
+def run_stage1(cfg: VideoTrainConfig, td: TrainingData, model: VideoLM, tokenizer, log, on_step=None) -> dict:
     folder = Path(cfg.out) / "stage1"
     done = _stage_done(folder)
     if done is not None:
@@ -413,7 +413,7 @@ def run_stage1(cfg: VideoTrainConfig, td: TrainingData, model: VideoLM, tokenize
         f"{cfg.stage1.iters} steps x {cfg.stage1.batch_size}")
     res = train(model, data, tc, folder, lambda m: save_aligner(folder, m.aligner),
                 fingerprint={"stage": 1, "aligner": cfg.aligner.to_dict(), "layout": cfg.layout.to_dict()},
-                loss_fn=video_loss, log=log)
+                loss_fn=video_loss, log=log, on_step=on_step)
     if res.interrupted:
         raise KeyboardInterrupt
     info = _mark_done(folder, res)
@@ -474,7 +474,8 @@ def save_model_folder(folder: Path, cfg: VideoTrainConfig, encoder_dir: Path, mo
     write_config(folder, model_config(cfg, encoder, info))
 
 
-def run_stage2(cfg: VideoTrainConfig, td: TrainingData, model: VideoLM, tokenizer, encoder, log) -> dict:
+def run_stage2(cfg: VideoTrainConfig, td: TrainingData, model: VideoLM, tokenizer, encoder, log,
+               on_step=None) -> dict:
     folder = Path(cfg.out) / "stage2"
     done = _stage_done(folder)
     lora = lora_config(cfg)
@@ -504,7 +505,7 @@ def run_stage2(cfg: VideoTrainConfig, td: TrainingData, model: VideoLM, tokenize
                 lambda m: save_model_folder(out_model, cfg, enc_dir, m, encoder, lora, plan, {}),
                 fingerprint={"stage": 2, "lora": asdict(lora), "layout": cfg.layout.to_dict(),
                              "mixture": [cfg.replay, cfg.text_replay, cfg.turns]},
-                loss_fn=video_loss, log=log)
+                loss_fn=video_loss, log=log, on_step=on_step)
     if res.interrupted:
         raise KeyboardInterrupt
     info = _mark_done(folder, res)
@@ -512,8 +513,14 @@ def run_stage2(cfg: VideoTrainConfig, td: TrainingData, model: VideoLM, tokenize
     return info
 
 
-def train_video_model(cfg: VideoTrainConfig, log: Optional[Callable[[str], None]] = None) -> Path:
-    """Run the configured stages; returns the model folder (``out/model``)."""
+def train_video_model(cfg: VideoTrainConfig, log: Optional[Callable[[str], None]] = None,
+                      on_step: Optional[Callable[[str, int, float, dict], None]] = None) -> Path:
+    """Run the configured stages; returns the model folder (``out/model``). ``on_step(stage, step,
+    loss, metrics)`` is called after every optimizer step."""
+
+    def hook(stage):
+        return None if on_step is None else (lambda step, loss, m: on_step(stage, step, loss, m))
+
     cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -532,12 +539,12 @@ def train_video_model(cfg: VideoTrainConfig, log: Optional[Callable[[str], None]
     mx.eval(aligner.parameters())
     summary = {}
     if "stage0" in cfg.stages:
-        summary["stage0"] = run_stage0(cfg, td, aligner, log)
+        summary["stage0"] = run_stage0(cfg, td, aligner, log, hook("stage0"))
     model = VideoLM(aligner, decoder)
     if "stage1" in cfg.stages:
-        summary["stage1"] = run_stage1(cfg, td, model, tokenizer, log)
+        summary["stage1"] = run_stage1(cfg, td, model, tokenizer, log, hook("stage1"))
     if "stage2" in cfg.stages:
-        summary["stage2"] = run_stage2(cfg, td, model, tokenizer, encoder, log)
+        summary["stage2"] = run_stage2(cfg, td, model, tokenizer, encoder, log, hook("stage2"))
     else:  # no adapters: the aligner alone makes the model
         save_model_folder(out / "model", cfg, Path(cfg.encoder), model, encoder, None, None, {})
     final = out / "model"
