@@ -6,11 +6,14 @@ so a chat session can keep its cache between turns.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
+from mlx_lm.generate import stream_generate
 
+from mlx_elm import kv
 from mlx_elm.errors import GenerationError
 
 
@@ -135,30 +138,28 @@ def stream_tokens(
     ``prompt_cache`` (a list of per-layer caches) is updated in place, so a caller can keep it
     across turns or pass a compressed-cache policy.
     """
-    from mlx_lm.generate import stream_generate
-
     options.validate()
     max_tokens = check_prompt_length(len(prompt_tokens), options, config or {})
     if options.seed is not None:
         mx.random.seed(options.seed)
     stats = stats if stats is not None else GenerationStats()
     if prompt_cache is not None:  # compressing KV policies compress once the prompt is complete
-        from mlx_elm.kv import expect_prompt
-
-        expect_prompt(prompt_cache, len(prompt_tokens))
+        kv.expect_prompt(prompt_cache, len(prompt_tokens))
+    taps = kv.query_taps(model) if prompt_cache is not None and kv.wants_queries(prompt_cache) else nullcontext()
     response = None
-    for response in stream_generate(
-        model,
-        tokenizer,
-        mx.array(list(prompt_tokens), dtype=mx.uint32),
-        max_tokens=max_tokens,
-        sampler=options.sampler(),
-        logits_processors=options.logits_processors(),
-        prompt_cache=prompt_cache,
-        **generate_kwargs,
-    ):
-        stats.tokens.append(int(response.token))  # includes a final EOS token
-        yield response.text
+    with taps:
+        for response in stream_generate(
+            model,
+            tokenizer,
+            mx.array(list(prompt_tokens), dtype=mx.uint32),
+            max_tokens=max_tokens,
+            sampler=options.sampler(),
+            logits_processors=options.logits_processors(),
+            prompt_cache=prompt_cache,
+            **generate_kwargs,
+        ):
+            stats.tokens.append(int(response.token))  # includes a final EOS token
+            yield response.text
     if response is not None:
         stats.prompt_tokens = response.prompt_tokens
         stats.prompt_tps = response.prompt_tps
