@@ -8,7 +8,9 @@ next writer of the same target, while a live writer's folder is never touched.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -50,21 +52,45 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _dead(pid: int | None) -> bool:
+    return pid is not None and pid != os.getpid() and not process_alive(pid)
+
+
 def remove_stale(target: PathLike) -> List[Path]:
     """Delete scratch files and folders of ``target`` whose writer process is gone; returns them."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
     removed = []
-    for path in target.parent.glob(f".{target.name}.*-*"):
-        pid = _writer_pid(path, target)
-        if pid is None or pid == os.getpid() or process_alive(pid):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
+        if _dead(_writer_pid(path, target)):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def sweep_stale(folder: PathLike) -> List[Path]:
+    """Delete every scratch entry in ``folder`` whose writer is gone, whatever its target (a
+    checkpoint folder collects them for many step names)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        m = _SCRATCH.match(path.name)
+        if m and _dead(int(m.group("pid"))):
+            _remove(path)
+            removed.append(path)
     return removed
 
 

@@ -14,6 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List
 
+from mlx_elm.errors import MlxElmError
+
+BENCH_MODELS = ("smollm2", "openelm-270m")
 
 
 @dataclass
@@ -31,6 +34,8 @@ def make_bench_model(kind: str, out_dir: Path) -> Path:
     from mlx_elm.model_folder import write_model_folder, write_random_model
     from mlx_elm.train.tiny import train_tiny_spm
 
+    if kind not in BENCH_MODELS:
+        raise MlxElmError(f"unknown --model {kind!r} for bench lora; choose {' or '.join(BENCH_MODELS)}")
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir

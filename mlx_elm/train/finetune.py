@@ -72,8 +72,7 @@ def finetune_model(
             log(f"data-parallel over {world.size} processes (each reads 1/{world.size} of every batch)")
     config = adapter_config_dict(lora, plan, base_model, extra={
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")}})
-    adapter_path = Path(adapter_path)
-    adapter_path.mkdir(parents=True, exist_ok=True)
+    adapter_path = Path(adapter_path)  # created by the first save, so a refused run leaves nothing
     fp = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "num_layers": plan.num_layers,
           "dora": lora.dora}
     result = train(model, data, cfg, adapter_path, lambda m: save_adapters(m, adapter_path, config),
