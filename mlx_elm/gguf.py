@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 import mlx.core as mx
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from mlx_elm.errors import ModelLoadError
 
@@ -124,8 +125,6 @@ def read_gguf(path: Path) -> Tuple[Dict[str, mx.array], dict]:
 
 def write_tokenizer(meta: dict, out_dir: Path) -> None:
     """Build tokenizer.json (byte-level BPE) + tokenizer_config.json from GGUF metadata."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ModelLoadError("only byte-level BPE ('gpt2') GGUF tokenizers are supported")
     tokens = list(meta["tokenizer.ggml.tokens"])
@@ -138,7 +137,6 @@ def write_tokenizer(meta: dict, out_dir: Path) -> None:
         pre.insert(0, pre_tokenizers.Digits(individual_digits=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(pre)
     tok.decoder = decoders.ByteLevel()
-    from tokenizers import AddedToken
 
     specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
     tok.add_special_tokens(specials)
