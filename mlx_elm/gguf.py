@@ -326,7 +326,7 @@ def write_tokenizer(meta: dict, out_dir: Path) -> None:
         {k: config[k] for k in ("bos_token", "eos_token", "unk_token") if k in config}, indent=2))
 
 
-def verify_model_folder(folder: Path, config: dict, hint: str = DEFAULT_HINT) -> None:
+def verify_model_folder(folder: Path, config: dict, source: str = "", hint: str = DEFAULT_HINT) -> None:
     """Load a freshly converted folder the way a later run will and take one forward step on a
     couple of tokens: every weight the config implies, with its shape (mlx-lm's strict load), a
     working tokenizer and chat template, finite logits over the whole vocabulary."""
@@ -339,8 +339,8 @@ def verify_model_folder(folder: Path, config: dict, hint: str = DEFAULT_HINT) ->
     else:
         cause = None
     if problem:
-        raise ModelLoadError(f"the model converted into {folder} failed its check ({problem}); "
-                             f"nothing was cached; {hint}") from cause
+        raise ModelLoadError(f"the model converted from {source or folder} failed its check ({problem}), "
+                             f"so it was not published; {hint}") from cause
 
 
 def _probe(folder: Path, config: dict):
@@ -401,5 +401,5 @@ def convert_gguf(path: Path, out_dir: Path, source_note: str = "", hint: str = D
         "affine quantization; llama.cpp's Q/K row permutation undone.\n"
     )
     del weights, hf_weights
-    verify_model_folder(out_dir, config, hint)
+    verify_model_folder(out_dir, config, str(path), hint)
     return config
