@@ -232,10 +232,10 @@ def _read_tensor_info(cur: _Cursor, i: int, fail) -> Tuple[str, Tuple[int, ...],
     if not name or not name.isprintable():
         fail(f"tensor #{i} at byte {at} has name {quote(name)}")
     what = f"tensor {quote(name)}"
-    ndim = cur.u32(f"ndim of {name}")
+    ndim = cur.u32(f"ndim of {what}")
     if not 1 <= ndim <= MAX_NDIM:
         fail(f"{what} has {ndim} dimensions (1 to {MAX_NDIM} are valid)")
-    dims = cur.unpack(f"{ndim}Q", f"dimensions of {name}")
+    dims = cur.unpack(f"{ndim}Q", f"dimensions of {what}")
     count = 1
     for d in dims:
         if not 1 <= d <= MAX_ELEMENTS:
@@ -243,14 +243,14 @@ def _read_tensor_info(cur: _Cursor, i: int, fail) -> Tuple[str, Tuple[int, ...],
         count *= d
     if count > MAX_ELEMENTS:
         fail(f"{what} has {count} elements (limit {MAX_ELEMENTS})")
-    ggml_type = cur.u32(f"type of {name}")
+    ggml_type = cur.u32(f"type of {what}")
     if ggml_type not in TENSOR_TYPES:
         names = ", ".join(t[0] for t in TENSOR_TYPES.values())
         fail(f"{what} has tensor type {ggml_type}; MLX's reader decodes {names}")
     if ggml_type in QUANTIZED and (dims[0] % 32 or not name.endswith(".weight")):
         fail(f"{what} is quantized but its rows of {dims[0]} are not whole blocks of 32 "
              "or its name does not end in '.weight'")
-    offset = cur.u64(f"data offset of {name}")
+    offset = cur.u64(f"data offset of {what}")
     return name, tuple(dims), ggml_type, offset
 
 
