@@ -297,7 +297,7 @@ gguf, home = sys.argv[1], sys.argv[2]
 os.environ["MLX_ELM_HOME"] = home
 import mlx_elm, mlx_elm.embedded as E
 from mlx_elm.errors import MlxElmError
-from mlx_elm.generate import SamplingOptions, build_prompt, generate_text
+from mlx_elm.generation import SamplingOptions, build_prompt, generate_text
 E.embedded_gguf_path = lambda: Path(gguf)
 def report(kind, detail=""):
     print("RESULT " + json.dumps([kind, detail]), flush=True)
