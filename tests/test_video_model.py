@@ -213,7 +213,7 @@ def _cfg(root, decoder, out, **kw):
 
 
 def test_tiny_run_lowers_the_loss_and_the_model_answers(tiny_world, tmp_path):
-    from mlx_elm.generate import SamplingOptions
+    from mlx_elm.generation import SamplingOptions
     from mlx_elm.video.assistant import VideoAssistant
     from mlx_elm.video.training import train_video_model
 

@@ -71,7 +71,7 @@ def _check_minutes(m: float) -> float:
 
 def _answer(video: Path, question: str, transcript: Optional[Path], model_dir, decoder, max_tokens: int, temp: float,
             max_minutes: float, max_visual_tokens, long_video, no_cache: bool) -> None:
-    from mlx_elm.generate import SamplingOptions
+    from mlx_elm.generation import SamplingOptions
     from mlx_elm.video.assistant import Answer
 
     seconds = _check_minutes(max_minutes)

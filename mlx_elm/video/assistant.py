@@ -17,8 +17,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from mlx_elm.adapters import load_adapters
 from mlx_elm.errors import VideoError
-from mlx_elm.generate import GenerationStats, SamplingOptions, stream_tokens
+from mlx_elm.loading import load_with_info
+from mlx_elm.generation import GenerationStats, SamplingOptions, stream_tokens
 from mlx_elm.video import transcript as TR
 from mlx_elm.video.decoder import EmbeddingDecoder
 from mlx_elm.video.features import FeatureCache, FrameFeatures
@@ -78,9 +80,6 @@ class VideoAssistant:
     def __init__(self, model_dir: Optional[Path] = None, decoder: Optional[str] = None,
                  feature_cache: Optional[Path] = None, layout: Optional[LayoutConfig] = None,
                  use_adapters: bool = True):
-        from mlx_elm.adapters import load_adapters
-        from mlx_elm.loading import load_with_info
-
         self.folder = Path(model_dir) if model_dir is not None else default_model_dir()
         self.cfg = read_config(self.folder)
         self.layout = layout or self.cfg.layout

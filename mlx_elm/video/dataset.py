@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from mlx_elm.atomic import atomic_file, atomic_folder
 from mlx_elm.errors import VideoError
@@ -158,8 +159,6 @@ def make_length_split(folder: Path, cfg: DataConfig, tick: Callable[[], None] = 
 def make_dataset(out: Path, cfg: DataConfig, splits: Sequence[str] = ("train", "valid", "id", "comp", "length"),
                  progress: bool = True) -> Dict[str, int]:
     """Write the data folder atomically; returns questions per split."""
-    from tqdm import tqdm
-
     cfg.validate()
     out = Path(out)
     counts = {"train": cfg.train, "valid": cfg.valid, "id": cfg.id, "comp": cfg.comp}

@@ -18,6 +18,7 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_elm.errors import VideoError
 
@@ -83,8 +84,6 @@ class EmbeddingDecoder(nn.Module):
         return int(w.shape[1] * (32 // self.embedding.bits if isinstance(self.embedding, nn.QuantizedEmbedding) else 1))
 
     def make_cache(self) -> List[Any]:
-        from mlx_lm.models.cache import make_prompt_cache
-
         return make_prompt_cache(self.base)
 
     def embed(self, tokens: mx.array) -> mx.array:

@@ -10,7 +10,7 @@ from typing import Callable, List, Sequence
 import mlx.core as mx
 import numpy as np
 
-from mlx_elm.generate import SamplingOptions
+from mlx_elm.generation import SamplingOptions
 from mlx_elm.video import synthetic as S
 from mlx_elm.video.features import FeatureCache
 from mlx_elm.video.io import write_mp4

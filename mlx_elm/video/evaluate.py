@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mlx_elm.errors import VideoError
-from mlx_elm.generate import SamplingOptions
+from mlx_elm.generation import SamplingOptions
 from mlx_elm.video import dataset as D
 from mlx_elm.video import features as FT
 from mlx_elm.video import questions as Q
@@ -91,9 +91,7 @@ def evaluate(assistant, data_dir: Path, cfg: EvalConfig, log: Callable[[str], No
              progress: Optional[Callable[[int], None]] = None) -> dict:
     """Run every (split, control, question); returns a JSON-able report (see :func:`summarise`)."""
     data_dir = Path(data_dir)
-    from mlx_elm.video.training import prepare_features
-
-    files = prepare_features(data_dir, assistant.encoder, assistant.cfg.fps, cfg.splits, log)
+    files = FT.prepare_split_features(data_dir, assistant.encoder, assistant.cfg.fps, cfg.splits, log)
     records: List[Record] = []
     chances: Dict[str, Dict[str, float]] = {}
     t0 = time.time()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -17,10 +18,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
+from tqdm import tqdm
 
 from mlx_elm.atomic import atomic_file
 from mlx_elm.errors import VideoError
 from mlx_elm.platform import cache_home
+from mlx_elm.video.dataset import read_split
 from mlx_elm.video.io import DEFAULT_MAX_SECONDS, Frames, read_frames
 from mlx_elm.video.vit import VisionTransformer
 
@@ -163,4 +166,22 @@ def load_split(file: Path) -> Dict[int, FrameFeatures]:
             c = int(cid)
             out[c] = FrameFeatures(np.asarray(v), np.asarray(arrays[f"times/{cid}"]),
                                    float(np.asarray(arrays[f"duration/{cid}"])[0]))
+    return out
+
+
+def prepare_split_features(data_dir: Path, encoder, fps: float, splits: Sequence[str], log=print) -> Dict[str, Path]:
+    """Pack the frame features of ``splits`` once per encoder (skipped when already there)."""
+    out = {}
+    for split in splits:
+        file = split_feature_file(data_dir, split, encoder)
+        out[split] = file
+        if file.exists():
+            continue
+        scenes, _ = read_split(data_dir, split)
+        clips = [(cid, Path(data_dir) / split / f"clips/{cid:06d}.mp4") for cid in sorted(scenes)]
+        t0 = time.time()
+        bar = tqdm(total=len(clips), desc=f"features {split}", unit="clip")
+        n = extract_split(clips, encoder, fps, file, progress=bar.update)
+        bar.close()
+        log(f"features {split}: {len(clips)} clips, {n} frames in {time.time() - t0:.0f}s -> {file}")
     return out

@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from mlx_elm.loading import load_with_info
 from mlx_elm.video import textdata
 
 
 def measure_forgetting(assistant, log: Callable[[str], None] = print) -> dict:
     """Perplexity of held-out prose and of the base model's own answers to held-out prompts,
     for the base decoder and for the tuned one (relative change in percent)."""
-    from mlx_elm.loading import load_with_info
-
     t0 = time.time()
     base, tok, _ = load_with_info(assistant.cfg.decoder)
     tuned = assistant.decoder.base

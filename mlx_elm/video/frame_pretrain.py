@@ -11,14 +11,17 @@ data set is a list of ints and the shared training loop (checkpoints, exact resu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_elm.train.data import Dataset, TokenizedSplit
+from mlx_elm.train.loop import train
 from mlx_elm.video import synthetic as S
-from mlx_elm.video.vit import ViTConfig, VisionTransformer
+from mlx_elm.video.vit import ViTConfig, VisionTransformer, save_encoder
 
 COLOUR_NAMES = list(S.COLOURS)
 N_COLOURS = len(COLOUR_NAMES)
@@ -115,12 +118,6 @@ class FramePretrainConfig:
 def train_frame_encoder(out_dir, vit_cfg: ViTConfig, train_cfg, examples: int = 20000, seed: int = 0,
                         log=print):
     """Train a small ViT with :func:`dense_loss`; writes the encoder folder into ``out_dir``."""
-    from pathlib import Path
-
-    from mlx_elm.train.data import Dataset, TokenizedSplit
-    from mlx_elm.train.loop import train
-    from mlx_elm.video.vit import save_encoder
-
     out_dir = Path(out_dir)
     mx.random.seed(seed)
     model = FramePretrainModel(vit_cfg)

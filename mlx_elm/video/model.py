@@ -16,6 +16,7 @@ A video-model folder holds::
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -24,7 +25,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_elm.atomic import atomic_file
+from mlx_elm.adapters import ADAPTER_FILE
+from mlx_elm.adapters import CONFIG_FILE as ADAPTER_CONFIG
+from mlx_elm.atomic import atomic_file, atomic_folder
 from mlx_elm.errors import VideoError
 from mlx_elm.video.aligner import Aligner, AlignerConfig
 from mlx_elm.video.decoder import EmbeddingDecoder
@@ -162,11 +165,6 @@ def default_model_dir() -> Path:
 def export_model_folder(src: Path, dst: Path) -> Path:
     """A compact copy of a trained model folder for shipping: configs, the encoder and aligner
     (float16 already) and the adapters cast to float16; atomically replaces ``dst``."""
-    import shutil
-
-    from mlx_elm.adapters import ADAPTER_FILE, CONFIG_FILE as ADAPTER_CONFIG
-    from mlx_elm.atomic import atomic_folder
-
     src, dst = Path(src), Path(dst)
     read_config(src)
     with atomic_folder(dst) as tmp:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mlx_elm.video.synthetic import (
+    COLOURS,
     Event,
     Scene,
     bounce_times,
@@ -137,8 +138,6 @@ def _bare(verb: str) -> str:
 
 
 def _colours() -> List[str]:
-    from mlx_elm.video.synthetic import COLOURS
-
     return list(COLOURS)
 
 

@@ -16,6 +16,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_elm.generation import SamplingOptions, build_prompt, generate_text
+from mlx_elm.train.data import tokenize_record
+
 REPLAY_PROMPTS = [
     "What is the capital of France?", "Give me three tips for sleeping better.", "Explain what a rainbow is.",
     "Write a haiku about the sea.", "How do plants make food?", "What is 12 times 7?",
@@ -90,8 +93,6 @@ PROSE = [
 def self_distill(model, tokenizer, prompts: Sequence[str], max_tokens: int = 48,
                  progress: Optional[Callable[[int], None]] = None) -> List[str]:
     """The base decoder's greedy answers to ``prompts`` (cut at the end of the turn)."""
-    from mlx_elm.generate import SamplingOptions, build_prompt, generate_text
-
     opts = SamplingOptions(max_tokens=max_tokens, temp=0.0)
     out = []
     for p in prompts:
@@ -124,8 +125,6 @@ def prose_perplexity(model, tokenizer, texts: Sequence[str] = PROSE) -> float:
 
 def answer_perplexity(model, tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> float:
     """Perplexity of ``answers`` as chat replies to ``prompts`` (how far the model drifted from them)."""
-    from mlx_elm.train.data import tokenize_record
-
     total, count = 0.0, 0
     for p, a in zip(prompts, answers):
         ex = tokenize_record({"prompt": p, "completion": a}, tokenizer)

@@ -28,9 +28,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+from tqdm import tqdm
 
-from mlx_elm.adapters import LoRAConfig, adapter_config_dict, apply_adapters, save_adapters
+from mlx_elm.adapters import ADAPTER_FILE, LoRAConfig, adapter_config_dict, apply_adapters, save_adapters
 from mlx_elm.errors import VideoError
+from mlx_elm.loading import load_with_info
 from mlx_elm.train import checkpoint as ckpt
 from mlx_elm.train.data import Dataset, TokenizedSplit
 from mlx_elm.train.loop import TrainConfig, TrainResult, train
@@ -324,29 +326,9 @@ class TrainingData:
 VALID_OFFSET = 10_000_000
 
 
-def prepare_features(data_dir: Path, encoder, fps: float, splits: Sequence[str], log=print) -> Dict[str, Path]:
-    """Pack the frame features of ``splits`` once per encoder (skipped when already there)."""
-    from tqdm import tqdm
-
-    out = {}
-    for split in splits:
-        file = FT.split_feature_file(data_dir, split, encoder)
-        out[split] = file
-        if file.exists():
-            continue
-        scenes, _ = D.read_split(data_dir, split)
-        clips = [(cid, Path(data_dir) / split / f"clips/{cid:06d}.mp4") for cid in sorted(scenes)]
-        t0 = time.time()
-        bar = tqdm(total=len(clips), desc=f"features {split}", unit="clip")
-        n = FT.extract_split(clips, encoder, fps, file, progress=bar.update)
-        bar.close()
-        log(f"features {split}: {len(clips)} clips, {n} frames in {time.time() - t0:.0f}s -> {file}")
-    return out
-
-
 def load_training_data(cfg: VideoTrainConfig, encoder, log=print) -> TrainingData:
     data_dir = Path(cfg.data)
-    files = prepare_features(data_dir, encoder, cfg.fps, ("train", "valid"), log)
+    files = FT.prepare_split_features(data_dir, encoder, cfg.fps, ("train", "valid"), log)
     scenes, rows = D.read_split(data_dir, "train")
     if cfg.train_clips:
         keep = set(sorted(scenes)[: cfg.train_clips])
@@ -389,8 +371,6 @@ def run_stage0(cfg: VideoTrainConfig, td: TrainingData, aligner: Aligner, log, o
 
 
 def _decoder(cfg: VideoTrainConfig):
-    from mlx_elm.loading import load_with_info
-
     base, tokenizer, info = load_with_info(cfg.decoder)
     base.freeze()
     return EmbeddingDecoder(base), tokenizer, info
@@ -483,8 +463,6 @@ def run_stage2(cfg: VideoTrainConfig, td: TrainingData, model: VideoLM, tokenize
     plan = apply_adapters(model.decoder.base, lora)
     _freeze_except(model.aligner, cfg.stage2_train)
     if done is not None:
-        from mlx_elm.adapters import ADAPTER_FILE
-
         model.decoder.base.load_weights(str(Path(cfg.out) / "model" / ADAPTER_DIR / ADAPTER_FILE), strict=False)
         log(f"stage 2: already done ({done['steps']} steps), reusing {folder}")
         return done

@@ -14,14 +14,18 @@ patches: identical maths, and a plain matmul on every backend.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
+from mlx_elm.atomic import atomic_file
 from mlx_elm.errors import VideoError
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
@@ -222,13 +226,6 @@ ENCODER_WEIGHTS = "encoder.safetensors"
 
 def save_encoder(folder, model: VisionTransformer, dtype=mx.float16) -> None:
     """Write a frame-encoder folder atomically (weights as float16: they are small and exact enough)."""
-    import json
-    from pathlib import Path
-
-    from mlx.utils import tree_flatten
-
-    from mlx_elm.atomic import atomic_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}
@@ -240,9 +237,6 @@ def save_encoder(folder, model: VisionTransformer, dtype=mx.float16) -> None:
 
 def load_encoder(folder) -> VisionTransformer:
     """A frame encoder from a folder written by :func:`save_encoder` or ``mlx-elm video convert-tower``."""
-    import json
-    from pathlib import Path
-
     folder = Path(folder)
     cfg_path, w_path = folder / ENCODER_CONFIG, folder / ENCODER_WEIGHTS
     if not cfg_path.exists() or not w_path.exists():
