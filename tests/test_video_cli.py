@@ -19,20 +19,17 @@ from mlx_elm.video.model import default_model_dir
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "mlx_elm.cli.main", "video", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=timeout, cwd=ROOT)
-
-
 def _one_line_error(r, needle):
-    assert r.returncode == 1, r.stderr
+    assert r.code == 1, (r.stdout, r.stderr)
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), r.stderr
     assert needle in err[0], err[0]
 
 
-def test_bad_input_gives_one_line_each(tmp_path):
+def test_bad_input_gives_one_line_each(cli, tmp_path):
+    def _cli(*args):
+        return cli("video", *args)
+
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"not a video at all" * 20)
     _one_line_error(_cli("ask", tmp_path / "missing.mp4", "Which way?"), "does not exist")
@@ -41,19 +38,20 @@ def test_bad_input_gives_one_line_each(tmp_path):
     _one_line_error(_cli("demo", tmp_path / "clip.avi"), "must end in .mp4")
     _one_line_error(_cli("make-data", tmp_path / "d", "--size", "15"), "--size")
     _one_line_error(_cli("eval", "--data", tmp_path, "--controls", "full,bogus"), "unknown control 'bogus'")
-    _one_line_error(_cli("ask", junk, "q", "--model-dir", tmp_path), "not a video-model folder")
     _one_line_error(_cli("train", "--data", tmp_path, "--out", tmp_path / "o", "--encoder", tmp_path,
                          "--stages", "stage9"), "--stages")
     bad_srt = tmp_path / "t.srt"
     bad_srt.write_text("1\nno arrow here\ntext\n")
     clip = tmp_path / "c.mp4"
-    assert _cli("demo", clip).returncode == 0
+    assert _cli("demo", clip).code == 0
     _one_line_error(_cli("ask", clip, "q", "--transcript", bad_srt), "SRT block 1")
+    _one_line_error(_cli("ask", clip, "q", "--model-dir", tmp_path), "not a video-model folder")
+    _one_line_error(_cli("ask", clip, "q", "--max-tokens", "0"), "--max-tokens")
 
 
-def test_demo_writes_a_clip_and_prints_true_answers(tmp_path):
-    r = _cli("demo", tmp_path / "demo.mp4", "--seed", "3")
-    assert r.returncode == 0, r.stderr
+def test_demo_writes_a_clip_and_prints_true_answers(cli, tmp_path):
+    r = cli("video", "demo", tmp_path / "demo.mp4", "--seed", "3")
+    assert r.code == 0, r.stderr
     scene = demo_scene(3)
     spec = Q.candidate_specs(scene)["direction"][0]
     q = Q.build(scene, spec)
@@ -67,13 +65,13 @@ def _shipped() -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _shipped(), reason="no shipped video model in mlx_elm/video/pretrained")
-def test_shipped_model_answers_the_demo_direction_question(tmp_path):
+def test_shipped_model_answers_the_demo_direction_question(cli, tmp_path):
     clip = tmp_path / "demo.mp4"
-    assert _cli("demo", clip).returncode == 0
+    assert cli("video", "demo", clip).code == 0
     scene = demo_scene(0)
     q = Q.build(scene, Q.candidate_specs(scene)["direction"][0])
-    r = _cli("ask", clip, q.question, "--no-cache")
-    assert r.returncode == 0, r.stderr
+    r = cli("video", "ask", clip, q.question, "--no-cache")
+    assert r.code == 0, r.stderr
     assert Q.score(q.to_dict(), r.stdout.strip()) == 1.0, (q.question, q.answer, r.stdout)
     assert "time to first token" in r.stderr and "visual" in r.stderr
 

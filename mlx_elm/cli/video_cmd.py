@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from mlx_elm.atomic import atomic_file
+from mlx_elm.cli.options import BatchSize, MaxTokens, Temp, TrainSeed
 from mlx_elm.errors import VideoError
 
 video_app = typer.Typer(help="Video-language model in the Pegasus-1 pattern (encode -> align -> decode).",
@@ -74,8 +75,14 @@ def _answer(video: Path, question: str, transcript: Optional[Path], model_dir, d
     from mlx_elm.generation import SamplingOptions
     from mlx_elm.video.assistant import Answer
 
+    from mlx_elm.video.io import probe
+    from mlx_elm.video.transcript import read_transcript
+
     seconds = _check_minutes(max_minutes)
     options = SamplingOptions(max_tokens=max_tokens, temp=temp).validate()
+    probe(video)  # a missing or unreadable file fails here, before the model loads
+    if transcript is not None:
+        read_transcript(transcript)
     t0 = time.perf_counter()
     assistant = _assistant(model_dir, decoder, max_visual_tokens, long_video, no_cache)
     t_load = time.perf_counter() - t0
@@ -98,8 +105,8 @@ def ask_cmd(
     transcript: Optional[Path] = typer.Option(None, "--transcript", help="SRT or '[mm:ss] text' lines (stands in for ASR)."),
     model_dir: Optional[Path] = ModelDir,
     decoder: Optional[str] = Decoder,
-    max_tokens: int = typer.Option(64, "--max-tokens", help="Longest answer in tokens (>= 1)."),
-    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
+    max_tokens: MaxTokens = 64,
+    temp: Temp = 0.0,
     max_minutes: float = MaxMinutes,
     max_visual_tokens: Optional[int] = MaxVisual,
     long_video: Optional[str] = LongVideo,
@@ -117,7 +124,7 @@ def describe_cmd(
     events: bool = typer.Option(False, "--events", help="List the events in order instead of describing each segment."),
     model_dir: Optional[Path] = ModelDir,
     decoder: Optional[str] = Decoder,
-    max_tokens: int = typer.Option(160, "--max-tokens", help="Longest description in tokens."),
+    max_tokens: MaxTokens = 160,
     max_minutes: float = MaxMinutes,
     max_visual_tokens: Optional[int] = MaxVisual,
     long_video: Optional[str] = LongVideo,
@@ -138,18 +145,9 @@ def demo_cmd(
 ) -> None:
     """Write a synthetic moving-shapes clip (and its narration as .srt) and print questions to try."""
     from mlx_elm.video import questions as Q
-    from mlx_elm.video import synthetic as S
-    from mlx_elm.video.dataset import demo_scene, write_srt
-    from mlx_elm.video.io import write_mp4
+    from mlx_elm.video.dataset import write_demo
 
-    if out.suffix.lower() != ".mp4":
-        raise VideoError(f"the output must end in .mp4, got '{out}'")
-    if not 2 <= duration <= 600 or size % 2 or not 16 <= size <= 512:
-        raise VideoError("--duration must be in [2, 600] s and --size an even number in [16, 512]")
-    scene = demo_scene(seed, duration)
-    write_mp4(out, S.render(scene, 4.0, size), 4.0)
-    if scene.narration:
-        write_srt(out.with_suffix(".srt"), scene.narration, scene.duration)
+    scene = write_demo(out, seed, duration, size)
     cands = Q.candidate_specs(scene)
     qs = [Q.build(scene, cands[f][0]) for f in ("direction", "speed", "count", "summary") if cands[f]]
     typer.echo(f"wrote {out} ({duration:g} s, {len(scene.objects)} objects{', narration in ' + str(out.with_suffix('.srt')) if scene.narration else ''})")
@@ -191,13 +189,13 @@ def make_data_cmd(
 def train_encoder_cmd(
     out: Path = typer.Argument(..., help="Output frame-encoder folder (checkpoints inside)."),
     iters: int = typer.Option(800, "--iters", help="Optimizer steps (>= 1)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Frames per step."),
+    batch_size: BatchSize = 64,
     learning_rate: float = typer.Option(1e-3, "--learning-rate", help="Peak learning rate."),
     hidden: int = typer.Option(64, "--hidden", help="ViT width (multiple of 4)."),
     layers: int = typer.Option(4, "--layers", help="ViT blocks."),
     size: int = typer.Option(64, "--size", help="Frame size (multiple of 8)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUT."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: TrainSeed = 0,
 ) -> None:
     """Train the small ViT frame encoder on rendered frames with dense per-cell targets."""
     from mlx_elm.train.loop import TrainConfig
@@ -227,7 +225,7 @@ def train_cmd(
     stage0_iters: int = typer.Option(1500, "--stage0-iters", help="Video-encoder pretraining steps."),
     stage1_iters: int = typer.Option(40, "--stage1-iters", help="Alignment steps (decoder frozen)."),
     stage2_iters: int = typer.Option(100, "--stage2-iters", help="Instruction-tuning steps (LoRA)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step in stages 1 and 2."),
+    batch_size: BatchSize = 8,
     stage1_train: str = typer.Option("resampler,projector", "--stage1-train", help="Aligner parts trained in stage 1."),
     stage2_train: str = typer.Option("", "--stage2-train", help="Aligner parts also trained in stage 2 (e.g. projector)."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="LoRA rank."),
@@ -236,7 +234,7 @@ def train_cmd(
     text_replay: float = typer.Option(0.10, "--text-replay", help="Text-only instructions mixed into stage 2 ([0, 1))."),
     turns: int = typer.Option(6, "--turns", help="Questions per training conversation."),
     train_clips: int = typer.Option(0, "--train-clips", help="Use only the first N training clips (0 = all)."),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    seed: TrainSeed = 0,
 ) -> None:
     """Train the video model: stage 0 (video encoder), 1 (alignment), 2 (LoRA instruction tuning).
     Interrupted runs resume when the same command is run again."""

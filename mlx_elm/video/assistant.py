@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from mlx_elm.adapters import load_adapters
+from mlx_elm.adapters import ADAPTER_LEAVES, ADAPTER_TYPES, load_adapters
 from mlx_elm.errors import VideoError
 from mlx_elm.loading import load_with_info
 from mlx_elm.generation import GenerationStats, SamplingOptions, stream_tokens
@@ -74,6 +74,16 @@ def apply_control(feats: FrameFeatures, control: str, seed: int = 0) -> FrameFea
     return FrameFeatures(np.ascontiguousarray(tokens), feats.times, feats.duration)
 
 
+def _match_adapter_dtype(model) -> None:
+    """Shipped adapters are float16; compute them in the dtype of the weights they adapt."""
+    for _, m in model.named_modules():
+        if isinstance(m, ADAPTER_TYPES):
+            base = m["linear"] if "linear" in m else m.get("embedding")
+            dtype = base["weight"].dtype if base is not None and "weight" in base else mx.float32
+            dtype = dtype if dtype in (mx.float32, mx.float16, mx.bfloat16) else mx.float32
+            m.update({k: v.astype(dtype) for k, v in m.parameters().items() if k in ADAPTER_LEAVES})
+
+
 class VideoAssistant:
     """A loaded video model. ``ask`` streams an answer about a file; ``ask_features`` about cached features."""
 
@@ -92,6 +102,7 @@ class VideoAssistant:
         self.decoder_config = info.config
         if use_adapters and (self.folder / ADAPTER_DIR).is_dir():
             load_adapters(base, self.folder / ADAPTER_DIR)
+            _match_adapter_dtype(base)
         self.decoder = EmbeddingDecoder(base)
         if self.decoder.dim != self.cfg.aligner.decoder_dim:
             raise VideoError(f"the video model was trained for a decoder of width {self.cfg.aligner.decoder_dim}, "

@@ -207,3 +207,17 @@ def demo_scene(seed: int = 0, duration: float = 8.0) -> S.Scene:
         if Q.candidate_specs(scene)["direction"]:
             return scene
     raise VideoError("could not draw a demo clip; try another --seed")
+
+
+def write_demo(out: Path, seed: int = 0, duration: float = 8.0, size: int = 64, fps: float = 4.0) -> S.Scene:
+    """Write :func:`demo_scene` as an MP4 (and its narration as .srt beside it); returns the scene."""
+    out = Path(out)
+    if out.suffix.lower() != ".mp4":
+        raise VideoError(f"the output must end in .mp4, got '{out}'")
+    if not 2 <= duration <= 600 or size % 2 or not 16 <= size <= 512:
+        raise VideoError("--duration must be in [2, 600] s and --size an even number in [16, 512]")
+    scene = demo_scene(seed, duration)
+    write_mp4(out, S.render(scene, fps, size), fps)
+    if scene.narration:
+        write_srt(out.with_suffix(".srt"), scene.narration, scene.duration)
+    return scene

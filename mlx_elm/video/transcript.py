@@ -81,8 +81,8 @@ def read_transcript(path: Union[str, Path]) -> List[Line]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise VideoError(f"transcript {path.name} is not UTF-8 text; save it as UTF-8") from None
-    is_srt = path.suffix.lower() == ".srt" or re.search(r"\d\s*-->\s*\d", text.split("\n\n")[0] if text else "")
-    lines = parse_srt(text, path.name) if is_srt and "-->" in text else parse_plain(text, path.name)
+    is_srt = path.suffix.lower() == ".srt" or re.match(r"\s*\d+\s*\n[^\n]*-->", text) is not None
+    lines = parse_srt(text, path.name) if is_srt else parse_plain(text, path.name)
     return sorted(lines, key=lambda l: l.start)
 
 
