@@ -35,7 +35,7 @@ FULL = dict(
     vit=ViTConfig(patch_size=16, hidden_size=64, intermediate_size=256, num_heads=4),
     encoder=TrainConfig(batch_size=64, iters=500, learning_rate=2e-3, warmup_steps=30, min_lr=2e-4, weight_decay=0.01,
                         steps_per_eval=100, val_batches=4, save_every=100),
-    stage0=StageConfig(1500, 32, 1e-3, 50), stage1=StageConfig(40, 8, 1e-3, 5), stage2=StageConfig(100, 8, 2e-4, 10),
+    stage0=StageConfig(500, 32, 1e-3, 30), stage1=StageConfig(40, 8, 1e-3, 5), stage2=StageConfig(100, 8, 2e-4, 10),
     aligner=AlignerConfig(), layout=LayoutConfig(),
 )
 FAST = dict(

@@ -77,11 +77,22 @@ def test_shipped_model_answers_the_demo_direction_question(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_example_runs_in_fast_mode(tmp_path):
+def test_examples_run_in_fast_mode(tmp_path):
+    """The reproduce-and-export example, then the ablations example on its run (tiny settings)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "video_pegasus_pattern.py"), "--out", str(tmp_path),
-                        "--fast"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    info = json.loads(r.stdout.strip().splitlines()[-1])
+
+    def run(*args):
+        r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env, timeout=900,
+                           cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    out = run(ROOT / "examples" / "video_pegasus_pattern.py", "--out", tmp_path, "--fast")
+    info = json.loads(out.strip().splitlines()[-1])
     assert (Path(info["export"]) / "video_config.json").exists()
     assert (Path(info["export"]) / "adapters" / "adapters.safetensors").exists()
+    run(ROOT / "examples" / "video_ablations.py", "--run", tmp_path, "--out", tmp_path / "abl", "--fast",
+        "--variants", "baseline,no_transcript,no_stage1,M1")
+    results = json.loads((tmp_path / "abl" / "ablations.json").read_text())
+    assert set(results) == {"baseline", "no_transcript", "no_stage1", "M1"}
+    assert "forgetting" in results["baseline"] and (tmp_path / "abl" / "ablations.md").exists()

@@ -16,13 +16,14 @@ reproduction of the 17B Pegasus-1.
 from __future__ import annotations
 
 __all__ = ["ask", "describe", "make_demo", "VideoAssistant", "make_dataset", "DataConfig", "train_video_model",
-           "VideoTrainConfig", "evaluate", "EvalConfig", "read_frames", "write_mp4", "LayoutConfig", "plan_segments"]
+           "VideoTrainConfig", "EvalConfig", "read_frames", "write_mp4", "LayoutConfig", "plan_segments"]
 
 # Imported on first use, as at the package top: mlx-lm and transformers take seconds to import.
+# (No export may share a submodule's name: `from mlx_elm.video import evaluate` must give the module.)
 _LAZY = {
     "VideoAssistant": "mlx_elm.video.assistant", "make_dataset": "mlx_elm.video.dataset",
     "DataConfig": "mlx_elm.video.dataset", "train_video_model": "mlx_elm.video.training",
-    "VideoTrainConfig": "mlx_elm.video.training", "evaluate": "mlx_elm.video.evaluate",
+    "VideoTrainConfig": "mlx_elm.video.training",
     "EvalConfig": "mlx_elm.video.evaluate", "read_frames": "mlx_elm.video.io", "write_mp4": "mlx_elm.video.io",
     "LayoutConfig": "mlx_elm.video.layout", "plan_segments": "mlx_elm.video.layout",
 }
