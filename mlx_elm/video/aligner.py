@@ -38,6 +38,8 @@ class AlignerConfig:
     time_frequencies: int = 16
     max_period: float = 4096.0  # seconds; sinusoids from 1 s to this period
     output_rms: float = 1.0  # RMS of the decoder's token embeddings (set from the decoder)
+    attention: str = "divided"  # "divided" (time within a cell, then space) or "joint" (all F x P tokens)
+    frame_differences: bool = True  # also feed each frame's change from the previous one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,23 +116,47 @@ class ResamplerLayer(nn.Module):
         return q + self.mlp(self.norm2(q))
 
 
+class DividedBlock(nn.Module):
+    """Attention over time within each pooled cell, then over space within each frame
+    (divided space-time attention, Bertasius et al. 2021, "TimeSformer"): motion is a change of a
+    cell's content from frame to frame, which the temporal step sees directly."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.time = Block(dim, heads)
+        self.space = Block(dim, heads)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        N, F, P, D = x.shape
+        x = self.time(x.transpose(0, 2, 1, 3).reshape(N * P, F, D)).reshape(N, P, F, D).transpose(0, 2, 1, 3)
+        return self.space(x.reshape(N * F, P, D)).reshape(N, F, P, D)
+
+
 class SegmentEncoder(nn.Module):
     def __init__(self, cfg: AlignerConfig):
         super().__init__()
         self.cfg = cfg
-        self.in_proj = nn.Linear(cfg.feature_dim, cfg.dim)
+        self.in_proj = nn.Linear(2 * cfg.feature_dim if cfg.frame_differences else cfg.feature_dim, cfg.dim)
         self.spatial = 0.02 * mx.random.normal((cfg.tokens_per_frame, cfg.dim))
         self.temporal = 0.02 * mx.random.normal((cfg.frames_per_segment, cfg.dim))
         if cfg.time_embedding:
             self.time_proj = nn.Linear(2 * cfg.time_frequencies, cfg.dim)
-        self.layers = [Block(cfg.dim, cfg.heads) for _ in range(cfg.segment_layers)]
+        block = DividedBlock if cfg.attention == "divided" else Block
+        self.layers = [block(cfg.dim, cfg.heads) for _ in range(cfg.segment_layers)]
 
     def __call__(self, feats: mx.array, times: mx.array) -> mx.array:
         """``feats [N, F, P, C]``, frame ``times [N, F]`` (seconds) -> tokens ``[N, F * P, dim]``."""
         N, F, P, _ = feats.shape
+        if self.cfg.frame_differences:  # what changed since the previous frame (zero for the first)
+            diff = mx.concatenate([mx.zeros_like(feats[:, :1]), feats[:, 1:] - feats[:, :-1]], axis=1)
+            feats = mx.concatenate([feats, diff], axis=-1)
         x = self.in_proj(feats) + self.spatial[None, None] + self.temporal[None, :F, None]
         if self.cfg.time_embedding:
             x = x + self.time_proj(time_features(times, self.cfg.time_frequencies, self.cfg.max_period))[:, :, None]
+        if self.cfg.attention == "divided":
+            for layer in self.layers:
+                x = layer(x)
+            return x.reshape(N, F * P, -1)
         x = x.reshape(N, F * P, -1)
         for layer in self.layers:
             x = layer(x)

@@ -134,3 +134,32 @@ def probe_loss(model: Stage0Model, feats, times, targets, seg_mask):
     dir_ok = ((mx.argmax(per[..., 1 + nS + 1 : 1 + nS + 1 + nD], axis=-1) == facts[..., 3].astype(mx.int32))
               * present * seg_mask[..., None]).sum() / mx.maximum((present * seg_mask[..., None]).sum(), 1.0)
     return total, n, {"direction_acc": dir_ok}
+
+
+def probe_accuracy(model: Stage0Model, batches) -> Dict[str, float]:
+    """Held-out accuracy of the probe's readings: direction (of visible objects), speed (moving
+    ones), presence, event flags (exact per colour and flag) and the end-of-segment count."""
+    sums: Dict[str, float] = {}
+    counts: Dict[str, float] = {}
+    C, nS, nD = len(COLOURS), len(S.SHAPES), len(DIRS)
+    for feats, times, targets, seg_mask in batches:
+        out = np.asarray(model(mx.array(feats), mx.array(times)))
+        per = out[..., : C * PER_COLOUR].reshape(*out.shape[:-1], C, PER_COLOUR)
+        facts = targets[..., : C * 6].reshape(*targets.shape[:-1], C, 6)
+        flags = targets[..., C * 6 : C * 6 + C * len(EVENT_FLAGS)].reshape(*targets.shape[:-1], C, len(EVENT_FLAGS))
+        seg = seg_mask[..., None] > 0
+        present = (facts[..., 0] > 0.5) & seg
+        moving = present & (facts[..., 3] < 4)
+        i_dir = 1 + nS + 1
+        checks = {
+            "presence": ((per[..., 0] > 0) == (facts[..., 0] > 0.5), seg),
+            "direction": (per[..., i_dir : i_dir + nD].argmax(-1) == facts[..., 3], present),
+            "speed": ((per[..., i_dir + nD] > 0) == (facts[..., 4] > 0.5), moving),
+            "events": (((per[..., i_dir + nD + 1 : i_dir + nD + 1 + len(EVENT_FLAGS)] > 0) == (flags > 0.5)).all(-1), seg),
+            "count": (out[..., C * PER_COLOUR :].argmax(-1) == targets[..., -1], seg_mask > 0),
+        }
+        for k, (ok, where) in checks.items():
+            where = np.broadcast_to(where, ok.shape)
+            sums[k] = sums.get(k, 0.0) + float((ok & where).sum())
+            counts[k] = counts.get(k, 0.0) + float(where.sum())
+    return {k: sums[k] / max(counts[k], 1.0) for k in sums}

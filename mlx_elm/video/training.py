@@ -365,7 +365,11 @@ def run_stage0(cfg: VideoTrainConfig, td: TrainingData, aligner: Aligner, log, o
                 fingerprint={"stage": 0, "aligner": cfg.aligner.to_dict()}, loss_fn=P.probe_loss, log=log, on_step=on_step)
     if res.interrupted:
         raise KeyboardInterrupt
-    info = _mark_done(folder, res, {"direction_acc": res.metrics[-1].get("direction_acc") if res.metrics else None})
+    model.eval()
+    collate = stage0_collate(td.features, scenes, cfg.layout)
+    held_out = P.probe_accuracy(model, (collate(valid_ex[i : i + 32]) for i in range(0, len(valid_ex), 32)))
+    info = _mark_done(folder, res, {"valid_probe_accuracy": held_out})
+    log("stage 0 probe on held-out clips: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in held_out.items()))
     log(f"stage 0: {res.summary()}")
     return info
 
