@@ -42,3 +42,7 @@ class DiffusionError(MlxElmError):
 
 class NgramError(MlxElmError):
     """Invalid n-gram model or construction options."""
+
+
+class SpeechError(MlxElmError):
+    """Invalid text, prompt audio, speech model, corpus or speech-training options."""
