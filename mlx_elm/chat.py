@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator, List, Optional
 
-from mlx_elm.generate import GenerationStats, SamplingOptions, build_prompt, stream_tokens
+from mlx_elm.generation import GenerationStats, SamplingOptions, build_prompt, stream_tokens
 
 
 def common_prefix_length(a: List[int], b: List[int]) -> int:
@@ -71,7 +71,7 @@ class ChatSession:
 
     def _config_for(self, total: int, keep: int) -> dict:
         """Context checks must count the cached part of the conversation too."""
-        from mlx_elm.generate import context_length
+        from mlx_elm.generation import context_length
 
         limit = context_length(self.config)
         return {} if limit is None else {"max_context_length": limit - keep}

@@ -11,7 +11,7 @@ import pytest
 import mlx_elm
 from mlx_elm.chat import ChatSession
 from mlx_elm.errors import GenerationError
-from mlx_elm.generate import SamplingOptions, build_prompt, check_prompt_length, generate_text
+from mlx_elm.generation import SamplingOptions, build_prompt, check_prompt_length, generate_text
 from openelm_fixtures import random_model, save_mlx_folder, tiny_args
 
 

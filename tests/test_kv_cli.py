@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 
 import mlx_elm
-from mlx_elm.generate import GenerationStats, SamplingOptions, stream_tokens
+from mlx_elm.generation import GenerationStats, SamplingOptions, stream_tokens
 from mlx_elm.kv import expect_prompt, make_cache
 from openelm_fixtures import random_model, save_mlx_folder, tiny_args
 

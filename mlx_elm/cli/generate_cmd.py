@@ -18,7 +18,7 @@ def _echo_err(text: str) -> None:
 
 
 def _options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed):
-    from mlx_elm.generate import SamplingOptions
+    from mlx_elm.generation import SamplingOptions
 
     return SamplingOptions(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed).validate()
 
@@ -52,7 +52,7 @@ def generate(
         False, "--kv-per-query-head", help="SnapKV: select per query head (original code; no GQA saving)."),
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
-    from mlx_elm.generate import GenerationStats, build_prompt, stream_tokens
+    from mlx_elm.generation import GenerationStats, build_prompt, stream_tokens
     from mlx_elm.loading import load_with_info
 
     from mlx_elm import kv

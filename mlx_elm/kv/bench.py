@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
-
-from mlx_elm.kv import cache_nbytes, expect_prompt, make_cache
+from mlx_elm.kv.prefill import prefill
+from mlx_elm.kv.report import cache_nbytes
 
 
 @dataclass
@@ -59,27 +58,14 @@ def run(model, lengths: Sequence[int], capacity: int = 1024, window: int = 32, t
     runs = []  # (L, name, caches, first, nbytes)
     for L in lengths:
         prompt = mx.random.randint(0, vocab, (1, L), key=mx.random.key(seed + L))
-        source = make_cache(model, "snapkv", capacity=capacity, window=window)
-        for c in source:
-            c.auto_compress = False
-        expect_prompt(source, L)
-        for s in range(0, L, chunk):
-            logits = model(prompt[:, s: s + chunk], cache=source)
-            mx.eval(logits, [c.state for c in source])
-        first = mx.argmax(logits[:, -1], axis=-1)
-        full = []
-        for src in source:
-            kv = KVCache()
-            kv.update_and_fetch(*src._store.keys_and_values())
-            full.append(kv)
-        snap = make_cache(model, "snapkv", capacity=capacity, window=window, bits=bits)
-        for c, src in zip(snap, source):
-            c.load_prefill(src)
-            c.compress()
-        del source
-        for name, caches in (("full", full), (f"snapkv C={capacity}", snap)):
+        pre = prefill(model, prompt, window=window, chunk=chunk)
+        first = mx.argmax(pre.logits, axis=-1)
+        for name, caches in (("full", pre.caches(model, "full")),
+                             (f"snapkv C={capacity}", pre.caches(model, "snapkv", capacity=capacity,
+                                                                 window=window, bits=bits))):
             mx.eval([c.state for c in caches], first)
             runs.append((L, name, caches, first, cache_nbytes(caches)))
+        del pre
         mx.clear_cache()
         if progress:
             progress(f"prefilled {L}")

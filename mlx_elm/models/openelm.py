@@ -180,6 +180,10 @@ def count_parameters(args: ModelArgs) -> int:
 
 
 class Attention(nn.Module):
+    # Hands post-RoPE queries to caches that ask for them (attention-guided KV policies such as
+    # SnapKV) through the cache protocol's ``observe_queries``; a plain KV cache never asks.
+    HANDS_QUERIES_TO_CACHE = True
+
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.head_dim = hd = args.head_dim
@@ -204,6 +208,8 @@ class Attention(nn.Module):
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
+            if getattr(cache, "wants_queries", False):
+                cache.observe_queries(q, self.scale)
             k, v = cache.update_and_fetch(k, v)
         out = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
