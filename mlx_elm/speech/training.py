@@ -369,6 +369,9 @@ def recognizer_loss_fn(cfg: StageConfig) -> Callable:
         starts = (ends - dur)  # (B, P)
         onset = (mx.arange(fmask.shape[1])[None, :, None] == starts[:, None, :]) * (dur[:, None, :] > 0)
         onset = mx.max(onset, axis=-1).astype(mx.float32)
+        lengths = mx.sum(fmask, axis=1).astype(mx.int32)
+        idx, cm = _crop_index(lengths, 2 * cfg.crop_frames, mel.shape[1])  # the receptive field is local
+        mel, fmask, labels, onset = _take(mel, idx), cm, _take(labels, idx), _take(onset, idx)
         logits, on = model(mel, fmask)
         ce = nn.losses.cross_entropy(logits, labels)
         bce = nn.losses.binary_cross_entropy(on, onset, with_logits=True)
@@ -429,10 +432,10 @@ class RecipeConfig:
 
     recognizer_steps: int = 300
     speaker_steps: int = 200
-    edm_steps: int = 1200
-    ct_steps: int = 600
-    act_steps: int = 200
-    prosody_steps: int = 300
+    edm_steps: int = 900
+    ct_steps: int = 450
+    act_steps: int = 150
+    prosody_steps: int = 250
     batch_size: int = 8
     learning_rate: float = 5e-4
     act_learning_rate: float = 1e-4
@@ -440,6 +443,8 @@ class RecipeConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     model: dict = field(default_factory=dict)  # ModelArgs overrides (tiny runs in tests)
     judge_channels: int = 128
+    compile: bool = True  # compile the loss (one trace per stage; tiny test runs are faster eager)
+    learning_rates: dict = field(default_factory=dict)  # per-stage overrides, e.g. {"edm": 3e-3}
 
 
 def model_dir(out: Path, stage: str) -> Path:
@@ -466,8 +471,10 @@ def _speaker_dataset(corpus: Corpus, names: list) -> Dataset:
 
 
 def run_stage(stage: str, corpus: Corpus, out: Path, rc: RecipeConfig, resume: bool = False,
-              progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """Train one stage into ``out/<stage>`` (model folder + checkpoints); returns the folder."""
+              progress: bool = True, log: Callable[[str], None] = print, from_scratch: bool = False) -> Path:
+    """Train one stage into ``out/<stage>`` (model folder + checkpoints); returns the model folder.
+
+    ``from_scratch`` lets ``ct`` start from random weights (the no-warm-start ablation)."""
     if stage not in STAGES + ABLATIONS:
         raise SpeechError(f"unknown stage '{stage}'; choose one of: {', '.join(STAGES + ABLATIONS)}")
     out = Path(out)
@@ -475,7 +482,8 @@ def run_stage(stage: str, corpus: Corpus, out: Path, rc: RecipeConfig, resume: b
     target = model_dir(out, stage)
     scfg = rc.stage
     mx.random.seed(rc.seed)
-    fp = {"stage": stage, "recipe": json.loads(json.dumps(asdict(rc)))}
+    fp = {"stage": stage, "settings": json.loads(json.dumps({"stage": asdict(rc.stage), "model": rc.model,
+                                                              "batch": rc.batch_size, "seed": rc.seed}))}
     if stage in ("recognizer", "speaker"):
         names = corpus.speakers(held_out=False)
         labels = list(corpus.inventory.symbols) if stage == "recognizer" else names
@@ -496,7 +504,7 @@ def run_stage(stage: str, corpus: Corpus, out: Path, rc: RecipeConfig, resume: b
         data.valid = None
         prev = {"edm": (), "ct": ("edm",), "act": ("ct",), "prosody": ("act", "ct"), "ct-continue": ("ct",)}[stage]
         found = [p for p in prev if (model_dir(out, p) / "model.safetensors").exists()]
-        if not prev:
+        if not prev or (stage == "ct" and from_scratch):
             model = Model(model_args(corpus, **rc.model))
         elif found:
             model = load_tts(model_dir(out, found[0]))
@@ -528,7 +536,8 @@ def run_stage(stage: str, corpus: Corpus, out: Path, rc: RecipeConfig, resume: b
         def save_fn(m):
             files.save(target, tts, asdict(tts.args))
     # the adaptive adversarial weight nests a gradient inside the loss, which compiled graphs cannot vjp
-    cfg = _train_cfg(steps, rc, lr, resume, progress, compile_=stage != "act")
+    lr = rc.learning_rates.get(stage, lr)
+    cfg = _train_cfg(steps, rc, lr, resume, progress, compile_=rc.compile and stage != "act")
     result = train(model, data, cfg, folder, save_fn, fingerprint=fp, loss_fn=loss, log=log)
     if not result.interrupted:
         with atomic_file(folder / "metrics.json") as tmp:
@@ -538,7 +547,7 @@ def run_stage(stage: str, corpus: Corpus, out: Path, rc: RecipeConfig, resume: b
 
 
 def run_recipe(corpus: Corpus, out: Path, rc: RecipeConfig, stages: tuple = STAGES, resume: bool = True,
-               progress: bool = True, log: Callable[[str], None] = print) -> Path:
+               progress: bool = True, log: Callable[[str], None] = print, from_scratch: bool = False) -> Path:
     """Run the stages in order; a stage whose model folder exists is skipped, a started one resumes."""
     out = Path(out)
     for stage in stages:
@@ -548,7 +557,7 @@ def run_recipe(corpus: Corpus, out: Path, rc: RecipeConfig, stages: tuple = STAG
             log(f"{stage}: already trained in {folder}; skipping")
             continue
         started = resume and (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
-        run_stage(stage, corpus, out, rc, resume=started, progress=progress, log=log)
+        run_stage(stage, corpus, out, rc, resume=started, progress=progress, log=log, from_scratch=from_scratch)
     return out
 
 
