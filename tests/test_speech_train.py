@@ -12,7 +12,7 @@ import pytest
 
 from mlx_elm.errors import SpeechError
 from mlx_elm.speech import corpus, training
-from mlx_elm.speech.synthesize import Synthesizer
+from mlx_elm.speech.pipeline import Synthesizer
 from mlx_elm.train import checkpoint as ckpt
 
 TINY = dict(d_model=32, enc_layers=1, prompt_layers=1, pred_layers=1, wn_channels=32, wn_dilations=[1, 2],

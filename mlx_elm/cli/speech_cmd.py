@@ -48,7 +48,7 @@ def speak(
     """Speak text into a WAV file with the shipped consistency model (or --model)."""
     import mlx.core as mx
 
-    from mlx_elm.speech import audio, synthesize
+    from mlx_elm.speech import audio, pipeline
 
     if text is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -60,8 +60,11 @@ def speak(
         raise SpeechError(f"--steps {steps} is too many for consistency sampling; use 1 or 2 (or --sampler heun)")
     if output.suffix.lower() != ".wav":
         raise SpeechError(f"--output {output} must end in .wav")
+    pipeline.validate_options(steps, alpha, gl_iters, 1.0 / speed)
+    if prompt is not None and not prompt.is_file():
+        raise SpeechError(f"prompt file {prompt} does not exist; pass a WAV file of the target voice")
     mx.reset_peak_memory()
-    result = synthesize.synthesize(text, model=model, prompt=prompt, steps=steps, alpha=alpha, seed=seed,
+    result = pipeline.synthesize(text, model=model, prompt=prompt, steps=steps, alpha=alpha, seed=seed,
                                    sampler=sampler, gl_iters=gl_iters, duration_scale=1.0 / speed)
     audio.write_wav(output, result.samples, result.sample_rate)
     t = result.timings

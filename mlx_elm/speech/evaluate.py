@@ -27,7 +27,7 @@ import numpy as np
 from mlx_elm.speech import audio, espeak, files
 from mlx_elm.speech.corpus import Corpus, SIGMA_DATA, Utt
 from mlx_elm.speech.judges import edit_distance
-from mlx_elm.speech.synthesize import PROMPT_FRAMES, Synthesizer
+from mlx_elm.speech.pipeline import PROMPT_FRAMES, Synthesizer
 from mlx_elm.speech.training import load_judge
 
 

@@ -221,6 +221,8 @@ def synthesize(text: str, model: Synthesizer | str | Path | None = None, prompt=
 
     ``prompt``: a WAV path, ``(samples, sample_rate)``, or None for the model's default voice.
     """
+    validate_options(steps, alpha, kwargs.get("gl_iters", 32), kwargs.get("duration_scale", 1.0))
+    text = check_text(text)  # refuse bad text before loading anything
     if not isinstance(model, Synthesizer):
         key = str(model)
         if key not in _CACHE:
