@@ -34,6 +34,7 @@ def _recipe(**kw):
     return training.RecipeConfig(**base)
 
 
+@pytest.mark.slow
 def test_every_stage_trains_lowers_its_loss_and_exports_a_loadable_model(tiny_corpus, tmp_path):
     run = tmp_path / "run"
     training.run_recipe(tiny_corpus, run, _recipe(), progress=False, log=lambda s: None)

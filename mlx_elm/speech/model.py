@@ -327,6 +327,7 @@ class Model(nn.Module):
         self.duration = ProsodyPredictor(args)
         self.pitch = ProsodyPredictor(args, kernel_dilation=2)
         self.pitch_embed = nn.Embedding(args.pitch_bins, d)
+        self.mel_prior = nn.Linear(d, args.n_mels)  # training-only probe: a regression mel from the condition
         self.acoustic = ConsistencyHead(
             WaveNet(args.n_mels, args.wn_channels, d, args.wn_dilations, args.wn_attn_every, args.heads, d),
             args.sigma_min, args.sigma_data)

@@ -59,6 +59,7 @@ class StageConfig:
     adv_weight: float = 0.5  # the extra factor on the adaptive adversarial weight (FlashSpeech code)
     prosody_s1: int = 160
     prosody_weight: float = 1.0
+    prior_weight: float = 1.0  # L1 of the regression probe mel_prior(condition) against the target
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -178,7 +179,10 @@ def prepare(model: Model, batch: tuple, cfg: StageConfig) -> Inputs:
     log_f0 = mx.log1p(f0_c)
     pitch_loss = _masked_mean(mx.abs(pitch_pred - log_f0), cm)
     cond = model.frame_condition(frame_h, f0_c)
-    extras = {"dur_res": (log_dur - dur_pred) * pmask, "dur_h": dur_h, "pmask": pmask,
+    # FastSpeech-style regression of the mel from the condition: a direct signal for the encoders,
+    # which the denoising loss alone gives too weakly in a short CPU budget (docs/speech.md)
+    prior_loss = _masked_mean(mx.abs(model.mel_prior(cond) - x0), cm)
+    extras = {"prior": prior_loss, "dur_res": (log_dur - dur_pred) * pmask, "dur_h": dur_h, "pmask": pmask,
               "pitch_res": (log_f0 - pitch_pred) * cm, "pitch_h": pitch_h}
     return Inputs(x0, cm, cond, tokens, prompt_c, pm, dur_loss, pitch_loss, extras)
 
@@ -222,9 +226,10 @@ def edm_loss_fn(cfg: StageConfig) -> Callable:
     def loss_fn(model, *batch):
         inp = prepare(model, batch, cfg)
         dn = denoising_loss(model.acoustic, inp.x0, inp.mask, inp.cond, inp.tokens)
-        loss = dn + inp.dur_loss + inp.pitch_loss
+        loss = dn + inp.dur_loss + inp.pitch_loss + cfg.prior_weight * inp.extras["prior"]
         b = inp.x0.shape[0]
-        return loss * b, mx.array(b, mx.float32), {"denoise": dn, "dur": inp.dur_loss, "pitch": inp.pitch_loss}
+        return loss * b, mx.array(b, mx.float32), {"denoise": dn, "dur": inp.dur_loss, "pitch": inp.pitch_loss,
+                                                   "prior": inp.extras["prior"]}
 
     return loss_fn
 
@@ -237,9 +242,10 @@ def ct_loss_fn(cfg: StageConfig, total: int, final_n: bool = False) -> Callable:
         k = mx.array(total) if final_n else step
         ct, *_ = consistency_loss(model.acoustic, inp.x0, inp.mask, inp.cond, inp.tokens, k, total,
                                   cfg.ct_s0, cfg.ct_s1, cfg)
-        loss = ct + inp.dur_loss + inp.pitch_loss
+        loss = ct + inp.dur_loss + inp.pitch_loss + cfg.prior_weight * inp.extras["prior"]
         b = inp.x0.shape[0]
-        return loss * b, mx.array(b, mx.float32), {"ct": ct, "dur": inp.dur_loss, "pitch": inp.pitch_loss}
+        return loss * b, mx.array(b, mx.float32), {"ct": ct, "dur": inp.dur_loss, "pitch": inp.pitch_loss,
+                                                   "prior": inp.extras["prior"]}
 
     return loss_fn
 
@@ -311,7 +317,8 @@ def act_loss_fn(cfg: StageConfig, total: int) -> Callable:
         loss_g = g_adv(student)
         fake = mx.stop_gradient(student)
         loss_d = (_masked_mean((1 - d_scores(inp.x0)) ** 2, inp.mask) + _masked_mean(d_scores(fake) ** 2, inp.mask))
-        loss = ct + inp.dur_loss + inp.pitch_loss + cfg.adv_weight * lam_adv * loss_g + loss_d
+        loss = (ct + inp.dur_loss + inp.pitch_loss + cfg.prior_weight * inp.extras["prior"]
+                + cfg.adv_weight * lam_adv * loss_g + loss_d)
         b = inp.x0.shape[0]
         return loss * b, mx.array(b, mx.float32), {"ct": ct, "g": loss_g, "d": loss_d, "lam_adv": lam_adv,
                                                    "dur": inp.dur_loss, "pitch": inp.pitch_loss}
@@ -324,7 +331,7 @@ def prosody_loss_fn(cfg: StageConfig, total: int) -> Callable:
 
     def loss_fn(model: Model, *batch, step):
         inp = prepare(model, batch, cfg)
-        ex = {k: mx.stop_gradient(v) for k, v in inp.extras.items()}
+        ex = {k: mx.stop_gradient(v) for k, v in inp.extras.items() if k != "prior"}
         a = model.args
         terms = {}
         for name, head, res, h, mask, scale in (
@@ -430,14 +437,14 @@ def load_judge(path) -> nn.Module:
 class RecipeConfig:
     """Steps and batch sizes of every stage: the one recipe behind the shipped model."""
 
-    recognizer_steps: int = 300
-    speaker_steps: int = 200
-    edm_steps: int = 900
+    recognizer_steps: int = 1000
+    speaker_steps: int = 300
+    edm_steps: int = 1100
     ct_steps: int = 450
     act_steps: int = 150
     prosody_steps: int = 250
     batch_size: int = 8
-    learning_rate: float = 5e-4
+    learning_rate: float = 8e-4
     act_learning_rate: float = 1e-4
     seed: int = 0
     stage: StageConfig = field(default_factory=StageConfig)
