@@ -115,3 +115,17 @@ def test_a_mismatched_config_is_refused_in_one_line(tmp_path):
     torch.save({"discriminator": {}}, tmp_path / "d")
     with pytest.raises(ConversionError, match="generator"):
         convert_hifigan(tmp_path / "d", tmp_path / "config.json", tmp_path / "mlx2")
+
+
+def test_speak_through_a_converted_vocoder(tmp_path):
+    from mlx_elm.speech import pipeline
+
+    if not (files.DEFAULT_MODEL / "model.safetensors").exists():
+        pytest.skip("the shipped speech model is not in this checkout")
+    torch.manual_seed(0)
+    h = dict(_config("2"), upsample_rates=[8, 8, 4], upsample_kernel_sizes=[16, 16, 8])  # hop 256
+    torch.save({"generator": TorchGenerator(h, tnn.utils.weight_norm).state_dict()}, tmp_path / "g")
+    (tmp_path / "config.json").write_text(json.dumps(h))
+    folder = convert_hifigan(tmp_path / "g", tmp_path / "config.json", tmp_path / "voc")
+    r = pipeline.Synthesizer(vocoder=folder)("Hello there.", steps=1)
+    assert len(r.samples) == int(r.durations.sum()) * 256 and np.abs(r.samples).max() <= 1

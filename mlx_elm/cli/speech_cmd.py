@@ -44,6 +44,8 @@ def speak(
     model: Optional[Path] = typer.Option(None, "--model", help="Speech model folder (default: the shipped one)."),
     sampler: str = typer.Option("consistency", "--sampler", help="consistency, euler or heun."),
     gl_iters: int = typer.Option(32, "--gl-iters", help="Griffin-Lim iterations in [0, 500]."),
+    vocoder: Optional[Path] = typer.Option(None, "--vocoder", help="HiFi-GAN folder from `mlx-elm speech "
+                                           "convert-hifigan` instead of Griffin-Lim."),
 ) -> None:
     """Speak text into a WAV file with the shipped consistency model (or --model)."""
     import mlx.core as mx
@@ -65,12 +67,26 @@ def speak(
         raise SpeechError(f"prompt file {prompt} does not exist; pass a WAV file of the target voice")
     mx.reset_peak_memory()
     result = pipeline.synthesize(text, model=model, prompt=prompt, steps=steps, alpha=alpha, seed=seed,
-                                   sampler=sampler, gl_iters=gl_iters, duration_scale=1.0 / speed)
+                                   sampler=sampler, gl_iters=gl_iters, duration_scale=1.0 / speed, vocoder=vocoder)
     audio.write_wav(output, result.samples, result.sample_rate)
     t = result.timings
     stages = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in t.items())
     typer.echo(f"wrote {output}: {result.seconds:.2f} s of audio, {len(result.phones)} phones, "
                f"RTF {result.rtf:.3f} ({stages}), peak memory {_peak_mb():.0f} MB")
+
+
+@speech_app.command("convert-hifigan")
+def convert_hifigan_cmd(
+    checkpoint: Path = typer.Argument(..., help="HiFi-GAN generator checkpoint (g_XXXXXXXX, torch zip format)."),
+    config: Path = typer.Argument(..., help="Its config.json."),
+    out: Path = typer.Argument(..., help="MLX vocoder folder to write."),
+) -> None:
+    """Convert a public PyTorch HiFi-GAN generator (22.05 kHz, 80 mels, hop 256) for --vocoder."""
+    from convert.hifigan import convert_hifigan
+
+    if not checkpoint.is_file():
+        raise SpeechError(f"{checkpoint} does not exist; pass a HiFi-GAN generator checkpoint")
+    typer.echo(f"wrote {convert_hifigan(checkpoint, config, out)}")
 
 
 @speech_app.command("build-data")
@@ -97,14 +113,15 @@ def build_data(
 
 @speech_app.command("train")
 def train_cmd(
-    data: Path = typer.Option(..., "--data", help="Corpus folder from `mlx-elm speech build-data`."),
+    data: Path = typer.Option(..., "--data", help="Corpus folder from `mlx-elm speech build-data` (built with "
+                              "the default settings when it does not exist yet)."),
     out: Path = typer.Option(Path("runs/speech"), "--out", help="Run folder (one subfolder per stage)."),
     stages: str = typer.Option(",".join(("recognizer", "speaker", "edm", "ct", "act", "prosody")), "--stages",
                                help="Comma-separated stages, in order; add ct-continue for the ACT ablation."),
-    edm_steps: int = typer.Option(1100, "--edm-steps", help="Denoising warm-start steps (0 = from-scratch CT)."),
-    ct_steps: int = typer.Option(450, "--ct-steps"),
-    act_steps: int = typer.Option(150, "--act-steps"),
-    prosody_steps: int = typer.Option(250, "--prosody-steps"),
+    edm_steps: int = typer.Option(600, "--edm-steps", help="Denoising warm-start steps (0 = from-scratch CT)."),
+    ct_steps: int = typer.Option(250, "--ct-steps"),
+    act_steps: int = typer.Option(80, "--act-steps"),
+    prosody_steps: int = typer.Option(150, "--prosody-steps"),
     recognizer_steps: int = typer.Option(1000, "--recognizer-steps"),
     speaker_steps: int = typer.Option(300, "--speaker-steps"),
     batch_size: int = typer.Option(8, "--batch-size"),
@@ -135,6 +152,8 @@ def train_cmd(
     rc = training.RecipeConfig(recognizer_steps=recognizer_steps, speaker_steps=speaker_steps, edm_steps=edm_steps,
                                ct_steps=ct_steps, act_steps=act_steps, prosody_steps=prosody_steps,
                                batch_size=batch_size, seed=seed, stage=stage_cfg)
+    if not (data / corpus.META).exists():
+        corpus.build(data, corpus.CorpusConfig(), log=typer.echo)
     c = corpus.load(data)
     training.run_recipe(c, out, rc, stages=tuple(names), resume=resume, log=typer.echo,
                         from_scratch=edm_steps == 0)
@@ -154,6 +173,8 @@ def eval_cmd(
                                 "--configs", help="sampler:steps list (cm = consistency)."),
     alphas: str = typer.Option("0,0.2,0.5,1", "--alphas", help="Diversity factors for the prosody study."),
     vocoded: bool = typer.Option(True, "--vocoded/--no-vocoded", help="Also score the Griffin-Lim output of cm:2."),
+    alpha: float = typer.Option(0.2, "--alpha", help="Prosody diversity used for the sampler comparison."),
+    rtf: bool = typer.Option(True, "--rtf/--no-rtf", help="Also time the whole pipeline on a fixed sentence."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the full report as JSON here."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -169,7 +190,7 @@ def eval_cmd(
     except (IndexError, ValueError):
         raise SpeechError("--configs must look like cm:1,cm:2,euler:8 and --alphas like 0,0.2,1") from None
     report = evaluate.run(corpus.load(data), model, recognizer, speaker, n=n, configs=cfgs, alphas=alpha_list,
-                          vocoded=vocoded, seed=seed, log=_err)
+                          vocoded=vocoded, seed=seed, alpha=alpha, rtf=rtf, log=_err)
     for line in evaluate.format_report(report):
         typer.echo(line)
     if out is not None:

@@ -132,7 +132,8 @@ def _prompt_mel(p: Utt) -> mx.array:
 def run(corpus: Corpus, model=None, recognizer=None, speaker=None, n: int = 40,
         configs: list[tuple[str, int]] = (("cm", 1), ("cm", 2), ("cm", 4), ("euler", 8)),
         alphas: list[float] = (0.0, 0.2, 0.5, 1.0), vocoded: bool = True, seed: int = 0,
-        diversity_texts: int = 10, diversity_seeds: int = 5, log: Callable[[str], None] = print) -> dict:
+        diversity_texts: int = 10, diversity_seeds: int = 5, alpha: float = 0.2, rtf: bool = True,
+        log: Callable[[str], None] = print) -> dict:
     """The whole evaluation; returns a JSON-able report (see :func:`format_report`)."""
     from tqdm import tqdm
 
@@ -185,7 +186,7 @@ def run(corpus: Corpus, model=None, recognizer=None, speaker=None, n: int = 40,
         rows = {"seen": [], "held-out": []}
         voc = vocoded and sampler == "cm" and steps == 2
         for g, u, p in tqdm(items, desc=f"eval {name}", unit="utt", dynamic_ncols=True, leave=False):
-            r = one(u, p, sampler, steps, 0.2, seed + u.uid, voc)
+            r = one(u, p, sampler, steps, alpha, seed + u.uid, voc)
             ref = _ref_phones(u, judges, symbols)
             row = {"mcd": mcd_dtw(denorm(r["mel_n"]), denorm(u.mel)),
                    "per": phone_error_rate(judges.transcript(r["mel_n"]), ref),
@@ -226,10 +227,12 @@ def run(corpus: Corpus, model=None, recognizer=None, speaker=None, n: int = 40,
             "duration_jsd": jsd(np.concatenate(all_d), gt_d, np.arange(0.5, 40.5)),
             "pitch_jsd": jsd(np.concatenate(all_f), gt_f, np.linspace(np.log(50), np.log(600), 41))}
 
+    if not rtf:
+        return report
     # end-to-end real-time factor on a fixed sentence, default settings, after a warm-up
     text = "The quick brown fox jumps over the lazy dog near the river bank."
-    syn(text, steps=2)
-    runs = [syn(text, steps=2, seed=i) for i in range(3)]
+    syn(text, steps=2, prompt=_prompt_mel(items[0][2]))
+    runs = [syn(text, steps=2, seed=i, prompt=_prompt_mel(items[0][2])) for i in range(5)]
     secs = float(np.mean([r.seconds for r in runs]))
     for k in runs[0].timings:
         report["rtf"][k] = float(np.mean([r.timings[k] for r in runs])) / secs

@@ -18,6 +18,7 @@ import numpy as np
 from mlx_elm.diffusion import sampling, schedules
 from mlx_elm.errors import SpeechError
 from mlx_elm.speech import audio, espeak, files
+from mlx_elm.speech.hifigan import Generator, HiFiGANArgs
 from mlx_elm.speech.model import Model, expand, frame_index
 from mlx_elm.speech.text import Inventory, check_text
 from mlx_elm.speech.training import load_tts
@@ -54,7 +55,7 @@ def _sync(*arrays) -> None:
 class Synthesizer:
     """A loaded model with its inventory, normalisation and default prompt."""
 
-    def __init__(self, model: Model | str | Path | None = None):
+    def __init__(self, model: Model | str | Path | None = None, vocoder: str | Path | None = None):
         path = None
         if model is None or isinstance(model, (str, Path)):
             path = Path(model) if model is not None else files.DEFAULT_MODEL
@@ -67,6 +68,12 @@ class Synthesizer:
         self.mel_cfg = audio.MelConfig(**a.mel) if a.mel else audio.MelConfig()
         self.mean = mx.array(np.asarray(a.mel_mean, np.float32))
         self.std = mx.array(np.asarray(a.mel_std, np.float32))
+        self.vocoder = None
+        if vocoder is not None:  # a HiFi-GAN folder written by convert/hifigan.py
+            self.vocoder = files.load(vocoder, lambda c: Generator(HiFiGANArgs.from_dict(c)), "HiFi-GAN vocoder")
+            if self.vocoder.hop != self.mel_cfg.hop or self.vocoder.args.num_mels != a.n_mels:
+                raise SpeechError(f"vocoder {vocoder} expects {self.vocoder.args.num_mels} mels at hop "
+                                  f"{self.vocoder.hop}, the model makes {a.n_mels} at hop {self.mel_cfg.hop}")
         self.default_prompt = None
         if path is not None and (path / PROMPT_FILE).exists():
             self.default_prompt = mx.load(str(path / PROMPT_FILE))["mel"].astype(mx.float32)
@@ -166,6 +173,9 @@ class Synthesizer:
         return out
 
     def vocode(self, log_mel: mx.array, iters: int = 32) -> mx.array:
+        """Griffin-Lim, or the converted HiFi-GAN when one was given."""
+        if self.vocoder is not None:
+            return self.vocoder(log_mel[None] if log_mel.ndim == 2 else log_mel)[0]
         return audio.griffin_lim(log_mel, self.mel_cfg, iters=iters)
 
     def __call__(self, text: str, prompt=None, steps: int = 2, alpha: float = 0.2, seed: int = 0,
@@ -223,9 +233,10 @@ def synthesize(text: str, model: Synthesizer | str | Path | None = None, prompt=
     """
     validate_options(steps, alpha, kwargs.get("gl_iters", 32), kwargs.get("duration_scale", 1.0))
     text = check_text(text)  # refuse bad text before loading anything
+    vocoder = kwargs.pop("vocoder", None)
     if not isinstance(model, Synthesizer):
-        key = str(model)
+        key = f"{model}|{vocoder}"
         if key not in _CACHE:
-            _CACHE[key] = Synthesizer(model)
+            _CACHE[key] = Synthesizer(model, vocoder)
         model = _CACHE[key]
     return model(text, prompt=prompt, steps=steps, alpha=alpha, seed=seed, **kwargs)

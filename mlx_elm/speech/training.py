@@ -439,12 +439,12 @@ class RecipeConfig:
 
     recognizer_steps: int = 1000
     speaker_steps: int = 300
-    edm_steps: int = 1100
-    ct_steps: int = 450
-    act_steps: int = 150
-    prosody_steps: int = 250
+    edm_steps: int = 600
+    ct_steps: int = 250
+    act_steps: int = 80
+    prosody_steps: int = 150
     batch_size: int = 8
-    learning_rate: float = 8e-4
+    learning_rate: float = 1e-3
     act_learning_rate: float = 1e-4
     seed: int = 0
     stage: StageConfig = field(default_factory=StageConfig)
@@ -509,7 +509,9 @@ def run_stage(stage: str, corpus: Corpus, out: Path, rc: RecipeConfig, resume: b
     else:
         data = dataset(corpus)
         data.valid = None
-        prev = {"edm": (), "ct": ("edm",), "act": ("ct",), "prosody": ("act", "ct"), "ct-continue": ("ct",)}[stage]
+        # act, prosody and the ct-continue ablation all start from ct and train disjoint parts (the
+        # acoustic model, the refiners), so they can run in parallel and export() merges them exactly
+        prev = {"edm": (), "ct": ("edm",), "act": ("ct",), "prosody": ("ct",), "ct-continue": ("ct",)}[stage]
         found = [p for p in prev if (model_dir(out, p) / "model.safetensors").exists()]
         if not prev or (stage == "ct" and from_scratch):
             model = Model(model_args(corpus, **rc.model))
@@ -525,9 +527,13 @@ def run_stage(stage: str, corpus: Corpus, out: Path, rc: RecipeConfig, resume: b
             loss = ct_loss_fn(scfg, steps)
         elif stage == "ct-continue":
             steps = rc.act_steps
+            model.freeze()
+            model.acoustic.unfreeze()
             loss = ct_loss_fn(scfg, steps, final_n=True)
         elif stage == "act":
             steps = rc.act_steps
+            model.freeze()  # encoders and regressors are trained; ACT tunes the acoustic model
+            model.acoustic.unfreeze()
             model = ACTModel(model, load_judge(model_dir(out, "recognizer")))
             loss = act_loss_fn(scfg, steps)
         else:
@@ -582,6 +588,9 @@ def export(run: str | Path, dest: str | Path, corpus: Corpus, stage: str = "pros
     and the two judges beside it."""
     run, dest = Path(run), Path(dest)
     model = load_tts(model_dir(run, stage))
+    if stage == "prosody" and (model_dir(run, "act") / "model.safetensors").exists():
+        act = load_tts(model_dir(run, "act"))  # same weights as ct except the acoustic model
+        model.acoustic.update(act.acoustic.parameters())
     dtype = mx.float16 if half else mx.float32
     target = dest / "flashspeech-mini"
     files.save(target, model, asdict(model.args), dtype=dtype)
