@@ -154,7 +154,13 @@ def run(corpus: Corpus, model=None, recognizer=None, speaker=None, n: int = 40,
         sim = [float(judges.embed(u.mel) @ judges.embed(p.mel)) for _, u, p in sub]
         other = [float(judges.embed(sub[(i + 1) % len(sub)][1].mel) @ judges.embed(p.mel))
                  for i, (_, u, p) in enumerate(sub) if sub[(i + 1) % len(sub)][1].speaker != u.speaker]
+        by_text = {}
+        for u in corpus.splits["test"]:
+            by_text.setdefault(u.text, []).append(u)
+        cross = [mcd_dtw(denorm(u.mel), denorm(v.mel)) for _, u, _ in sub for v in by_text[u.text]
+                 if v.speaker != u.speaker]
         report["groups"][g] = {"n": len(sub), "per_ground_truth": float(np.mean(per)),
+                               "mcd_same_text_other_voice": float(np.mean(cross)) if cross else float("nan"),
                                "sim_ground_truth": float(np.mean(sim)),
                                "sim_other_voice": float(np.mean(other)) if other else float("nan")}
 
@@ -243,10 +249,11 @@ def run(corpus: Corpus, model=None, recognizer=None, speaker=None, n: int = 40,
 
 def format_report(report: dict) -> list[str]:
     """Markdown tables of a report."""
-    lines = ["| voices | n | PER ground truth (ceiling) | sim ground truth | sim other voice |", "|---|---|---|---|---|"]
+    lines = ["| voices | n | PER ground truth (ceiling) | sim ground truth | sim other voice | "
+             "MCD same text, other voice |", "|---|---|---|---|---|---|"]
     for g, v in report["groups"].items():
         lines.append(f"| {g} | {v['n']} | {v['per_ground_truth']:.3f} | {v['sim_ground_truth']:.3f} | "
-                     f"{v['sim_other_voice']:.3f} |")
+                     f"{v['sim_other_voice']:.3f} | {v.get('mcd_same_text_other_voice', float('nan')):.2f} |")
     lines += ["", "| sampler:steps | voices | MCD dB | PER | speaker sim | acoustic RTF |", "|---|---|---|---|---|---|"]
     for name, groups in report["configs"].items():
         for g, v in groups.items():
