@@ -9,15 +9,19 @@ and the benchmarks. The loop accepts an external ``prompt_cache`` so KV-cache po
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_elm import kv
 from mlx_elm.errors import GenerationError
+
+MAX_TOKENS = 2**31 - 1
 
 
 @dataclass
@@ -33,14 +37,17 @@ class SamplingOptions:
     seed: Optional[int] = None
 
     def validate(self) -> "SamplingOptions":
+        finite = all(math.isfinite(v) for v in (self.temp, self.top_p, self.min_p, self.repetition_penalty))
         checks = [
-            (self.max_tokens >= 1, f"--max-tokens must be at least 1 (got {self.max_tokens})"),
-            (self.temp >= 0, f"--temp must be >= 0 (got {self.temp}); use 0 for greedy decoding"),
+            (finite, "--temp, --top-p, --min-p and --repetition-penalty must be finite numbers"),
+            (1 <= self.max_tokens <= MAX_TOKENS, f"--max-tokens must be in [1, {MAX_TOKENS}] (got {self.max_tokens})"),
+            (0 <= self.temp <= 100, f"--temp must be >= 0 (got {self.temp}); use 0 for greedy decoding"),
             (0 < self.top_p <= 1, f"--top-p must be in (0, 1] (got {self.top_p}); use 1 to disable"),
-            (self.top_k >= 0, f"--top-k must be >= 0 (got {self.top_k}); use 0 to disable"),
+            (0 <= self.top_k <= MAX_TOKENS, f"--top-k must be >= 0 (got {self.top_k}); use 0 to disable"),
             (0 <= self.min_p < 1, f"--min-p must be in [0, 1) (got {self.min_p}); use 0 to disable"),
-            (self.repetition_penalty > 0,
+            (0 < self.repetition_penalty <= 100,
              f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); use 1 to disable"),
+            (self.seed is None or 0 <= self.seed < 2**32, f"--seed must be in [0, 2^32) (got {self.seed})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -48,8 +55,6 @@ class SamplingOptions:
         return self
 
     def sampler(self):
-        from mlx_lm.sample_utils import make_sampler
-
         return make_sampler(
             temp=self.temp,
             top_p=self.top_p if self.top_p < 1 else 0.0,
@@ -58,8 +63,6 @@ class SamplingOptions:
         )
 
     def logits_processors(self) -> list:
-        from mlx_lm.sample_utils import make_logits_processors
-
         penalty = self.repetition_penalty if self.repetition_penalty != 1.0 else None
         return make_logits_processors(repetition_penalty=penalty)
 

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
+from tqdm import tqdm
+
 from mlx_elm.kv.prefill import prefill
+from mlx_elm.kv.registry import options
 from mlx_elm.kv.report import cache_nbytes
+from mlx_elm.model_folder import random_model_args
+from mlx_elm.models.openelm import Model
 
 
 @dataclass
@@ -26,10 +31,8 @@ class KVBenchRow:
 
 def random_openelm(preset_name: str = "OpenELM-270M", seed: int = 0):
     """A float32 OpenELM with the preset's shapes and random weights (speed only)."""
-    from mlx_elm.models.openelm import Model, preset
-
     mx.random.seed(seed)
-    model = Model(preset(preset_name))
+    model = Model(random_model_args(preset_name))
     mx.eval(model.parameters())
     return model
 
@@ -92,3 +95,19 @@ def table(rows: List[KVBenchRow]) -> str:
                    f"{s.decode_tps / base:.2f} | {f.kv_bytes / 2**20:.1f} | {s.kv_bytes / 2**20:.1f} | "
                    f"{s.kv_bytes / f.kv_bytes:.3f} |")
     return "\n".join(out)
+
+
+def run_report(lengths: Sequence[int], capacity: int, window: int, bits: Optional[int], tokens: int, chunk: int,
+               preset_name: str, rounds: int, seed: int) -> List[str]:
+    """``mlx-elm bench kv``: validate, build the model, run with a progress bar, return the lines to print."""
+    options("snapkv", capacity=capacity, window=window, bits=bits)
+    t0 = time.time()
+    model = random_openelm(preset_name, seed)
+    with tqdm(total=len(lengths) + rounds, desc="bench kv", unit="run") as bar:
+        def progress(msg: str) -> None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+
+        rows = run(model, lengths, capacity, window, tokens, chunk, bits, seed, rounds, progress)
+    return [table(rows), f"{preset_name} (random weights, float32), {len(rows)} runs in {time.time() - t0:.0f} s | "
+                         f"peak memory: {mx.get_peak_memory() / 2**30:.3f} GB"]

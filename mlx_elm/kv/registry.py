@@ -16,6 +16,7 @@ from mlx_elm.kv.streaming import StreamingCache
 
 POOLS = ("max", "avg")
 KV_BITS = (4, 8)
+MAX_ROWS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class KVOptions:
     def validate(self) -> "KVOptions":
         """Raise ``KVCacheError`` (one line: problem and fix) for inconsistent options."""
         spec = policy_spec(self.policy)
+        for name in ("capacity", "window", "kernel", "sinks"):
+            value = getattr(self, name)
+            if value is not None and not -1 < value <= MAX_ROWS:
+                raise KVCacheError(f"--kv-{name} must be in [0, {MAX_ROWS}] (got {value})")
         if self.bits is not None and self.bits not in KV_BITS:
             raise KVCacheError(f"--kv-bits must be 4 or 8 (got {self.bits}); omit it for a float cache")
         if self.group_size not in (32, 64, 128):

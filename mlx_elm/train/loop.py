@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from tqdm import tqdm
 
 from mlx_elm.errors import TrainingError
 from mlx_elm.train import checkpoint as ckpt
@@ -56,13 +57,22 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
-        for name in ("batch_size", "grad_accumulation"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.iters < 0 or self.epochs < 0:
-            raise TrainingError("--iters and --epochs must not be negative")
-        if self.learning_rate is None or self.learning_rate <= 0:
-            raise TrainingError(f"--learning-rate must be positive (got {self.learning_rate})")
+        """One-line errors for values no run can use (ranges as stated in ``--help``)."""
+        for name, lo, hi in (("batch_size", 1, 65536), ("grad_accumulation", 1, 65536), ("iters", 0, 10**9),
+                             ("warmup_steps", 0, 10**9), ("max_seq_length", 2, 1 << 20),
+                             ("steps_per_eval", 0, 10**9), ("val_batches", -1, 10**9), ("save_every", 0, 10**9),
+                             ("seed", 0, 2**32 - 1)):
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                flag = "--warmup" if name == "warmup_steps" else f"--{name.replace('_', '-')}"
+                raise TrainingError(f"{flag} must be in [{lo}, {hi}] (got {value})")
+        for name in ("epochs", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise TrainingError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})")
+        lr = self.learning_rate
+        if lr is None or not math.isfinite(lr) or not 0 < lr <= 10:
+            raise TrainingError(f"--learning-rate must be a finite number in (0, 10] (got {lr})")
         return self
 
     def total_steps(self, batches_per_epoch: int) -> int:
@@ -251,7 +261,7 @@ def train(
     state = ckpt.TrainState(seed=cfg.seed, fingerprint=fp)
     optimizer.init(model.trainable_parameters())
     if cfg.resume:
-        state = _restore(model, optimizer, out_dir, fp)
+        state = _restore(model, optimizer, out_dir, fp, log)
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model)
     model.train()
@@ -262,8 +272,6 @@ def train(
     main = world.is_main
     bar = None
     if cfg.progress and main:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, leave=True)
     mx.reset_peak_memory()
     t_train = 0.0
@@ -337,17 +345,14 @@ def train(
     return result
 
 
-def _restore(model: nn.Module, optimizer, out_dir: Path, fingerprint: dict) -> ckpt.TrainState:
-    path = ckpt.latest_checkpoint(out_dir)
-    if path is None:
-        raise TrainingError(f"--resume: no checkpoint under {out_dir}/{ckpt.CHECKPOINT_DIR}; run without --resume")
-    state, weights, opt_tree = ckpt.load_checkpoint(path)
+def _restore(model: nn.Module, optimizer, out_dir: Path, fingerprint: dict, log=print) -> ckpt.TrainState:
+    path, (state, weights, opt_tree) = ckpt.load_latest_good(out_dir, log)
     for k, v in fingerprint.items():
         if k in state.fingerprint and state.fingerprint[k] != v:
             raise TrainingError(f"--resume: {k} was {state.fingerprint[k]!r} in {path.name} but is now {v!r}; "
                                 "use the original settings or start a new --adapter-path")
     params = dict(tree_flatten(model.trainable_parameters()))
-    if set(params) != set(weights):
+    if set(params) != set(weights) or any(params[k].shape != weights[k].shape for k in params):
         raise TrainingError(f"--resume: {path} holds different trainable weights than this run "
                             "(other targets, rank or model?); use the original settings")
     model.load_weights(list(weights.items()), strict=False)
