@@ -82,7 +82,7 @@ def convert_hifigan_cmd(
     out: Path = typer.Argument(..., help="MLX vocoder folder to write."),
 ) -> None:
     """Convert a public PyTorch HiFi-GAN generator (22.05 kHz, 80 mels, hop 256) for --vocoder."""
-    from convert.hifigan import convert_hifigan
+    from convert import convert_hifigan
 
     if not checkpoint.is_file():
         raise SpeechError(f"{checkpoint} does not exist; pass a HiFi-GAN generator checkpoint")

@@ -28,7 +28,6 @@ from mlx_elm.speech import audio, espeak, files
 from mlx_elm.speech.corpus import Corpus, SIGMA_DATA, Utt
 from mlx_elm.speech.judges import edit_distance
 from mlx_elm.speech.pipeline import PROMPT_FRAMES, Synthesizer
-from mlx_elm.speech.training import load_judge
 
 
 def mel_cepstrum(log_mel: np.ndarray, n: int = 13) -> np.ndarray:
@@ -84,8 +83,8 @@ class Judges:
     """The frozen recognizer and speaker encoder, applied to normalised mels."""
 
     def __init__(self, recognizer: str | Path | None, speaker: str | Path | None):
-        self.recognizer = load_judge(recognizer or files.DEFAULT_RECOGNIZER)
-        self.speaker = load_judge(speaker or files.DEFAULT_SPEAKER)
+        self.recognizer = files.load_judge(recognizer or files.DEFAULT_RECOGNIZER)
+        self.speaker = files.load_judge(speaker or files.DEFAULT_SPEAKER)
         self.labels = list(self.recognizer.args.labels)
         self.pause = self.labels.index(espeak.PAUSE) if espeak.PAUSE in self.labels else -1
 

@@ -10,9 +10,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import save_config
 
-from mlx_elm.errors import ModelLoadError, SpeechError
 from mlx_elm.atomic import atomic_folder
+from mlx_elm.errors import ModelLoadError, SpeechError
 from mlx_elm.model_folder import CONFIG_FILE, read_config
+from mlx_elm.speech.judges import JudgeArgs, PhoneRecognizer, SpeakerEncoder
+from mlx_elm.speech.model import Model, ModelArgs
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "flashspeech-mini"
@@ -56,3 +58,22 @@ def load(path: str | Path, build: Callable[[dict], nn.Module], kind: str) -> nn.
     model.eval()
     mx.eval(model.parameters())
     return model
+
+
+def build_tts(config: dict) -> nn.Module:
+    return Model(ModelArgs.from_dict(config))
+
+
+def build_judge(config: dict) -> nn.Module:
+    a = JudgeArgs.from_dict(config)
+    return PhoneRecognizer(a) if a.kind == "recognizer" else SpeakerEncoder(a)
+
+
+def load_tts(path) -> nn.Module:
+    """A FlashSpeech-mini model folder."""
+    return load(path, build_tts, "speech model")
+
+
+def load_judge(path) -> nn.Module:
+    """A phone-recognizer or speaker-encoder folder."""
+    return load(path, build_judge, "speech judge")

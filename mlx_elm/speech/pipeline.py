@@ -21,7 +21,6 @@ from mlx_elm.speech import audio, espeak, files
 from mlx_elm.speech.hifigan import Generator, HiFiGANArgs
 from mlx_elm.speech.model import Model, expand, frame_index
 from mlx_elm.speech.text import Inventory, check_text
-from mlx_elm.speech.training import load_tts
 
 PROMPT_FRAMES = 128  # the prompt length the model was trained with (1.5 s)
 PROMPT_FILE = "default_prompt.safetensors"
@@ -61,7 +60,7 @@ class Synthesizer:
             path = Path(model) if model is not None else files.DEFAULT_MODEL
             if model is None and not (path / "model.safetensors").exists():
                 raise SpeechError("no shipped speech model in this install; reinstall mlx-elm or pass --model")
-            model = load_tts(path)
+            model = files.load_tts(path)
         self.model = model
         a = model.args
         self.inventory = Inventory(list(a.symbols))

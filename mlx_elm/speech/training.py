@@ -35,6 +35,7 @@ from mlx_elm.atomic import atomic_file
 from mlx_elm.diffusion import consistency as C
 from mlx_elm.errors import SpeechError
 from mlx_elm.speech import files
+from mlx_elm.speech.files import build_judge, load_judge, load_tts
 from mlx_elm.speech.corpus import Corpus, Utt
 from mlx_elm.speech.judges import DiscriminatorHead, JudgeArgs, PhoneRecognizer, SpeakerEncoder
 from mlx_elm.speech.model import Model, ModelArgs, expand
@@ -414,23 +415,6 @@ def model_args(corpus: Corpus, **overrides) -> ModelArgs:
     for k, v in overrides.items():
         setattr(a, k, v)
     return a
-
-
-def build_tts(config: dict) -> Model:
-    return Model(ModelArgs.from_dict(config))
-
-
-def build_judge(config: dict) -> nn.Module:
-    a = JudgeArgs.from_dict(config)
-    return PhoneRecognizer(a) if a.kind == "recognizer" else SpeakerEncoder(a)
-
-
-def load_tts(path) -> Model:
-    return files.load(path, build_tts, "speech model")
-
-
-def load_judge(path) -> nn.Module:
-    return files.load(path, build_judge, "speech judge")
 
 
 @dataclass
