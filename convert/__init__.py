@@ -80,7 +80,7 @@ def open_source(source: str | Path, preset: Optional[str] = None, vocab_size: Op
         raise ConversionError(f"{text} is neither a file, a folder, nor a Hub repo id (org/name).")
     if path.is_dir() or hf.looks_like_repo_id(text):
         rows = src.tensors.get("transformer.token_embeddings.weight")
-        if rows is not None and rows.shape[0] > src.args.vocab_size and not keep_padding:
+        if rows is not None and len(rows.shape) == 2 and rows.shape[0] > src.args.vocab_size and not keep_padding:
             src.tensors, src.lora = corenet.trim_vocab(src.tensors, src.lora, src.args.vocab_size)
             src.notes.append(f"embedding trimmed from {rows.shape[0]} to {src.args.vocab_size} rows")
     return src

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from convert.quoting import plain
 from convert.source import LoraAdapter, Source
 from convert.tensors import LazyTensor, to_float32
 from mlx_elm.errors import ConversionError
@@ -73,8 +74,8 @@ def export(linear: Dict[str, LoraAdapter], args: ModelArgs, scale: float) -> dic
     keys, layers, ranks = set(), set(), set()
     for mod, ad in linear.items():
         parts = mod.split(".")
-        if parts[:2] != ["transformer", "layers"]:
-            raise ConversionError(f"LoRA adapter on {mod} cannot be expressed in mlx-lm's adapter format.")
+        if parts[:2] != ["transformer", "layers"] or len(parts) < 4 or not (parts[2].isascii() and parts[2].isdigit()):
+            raise ConversionError(f"LoRA adapter on {plain(mod)} cannot be expressed in mlx-lm's adapter format.")
         layers.add(int(parts[2]))
         keys.add(".".join(parts[3:]))
         ranks.add(ad.rank)

@@ -22,10 +22,16 @@ def quote(value: Any, limit: int = LIMIT) -> str:
     return text if len(text) <= 4 * limit else text[: 4 * limit] + "..."
 
 
+def plain(value: Any, limit: int = 2 * LIMIT) -> str:
+    """A name as it is when it is a short printable string (most are), else ``quote(value)``."""
+    if isinstance(value, str) and len(value) <= limit and value.isprintable():
+        return value
+    return quote(value)
+
+
 def file_name(path: str | Path) -> str:
     """A file's name as given, unless it holds characters a terminal would act on."""
-    name = Path(path).name
-    return name if name.isprintable() and len(name) <= 200 else quote(name)
+    return plain(Path(path).name, 200)
 
 
 def human(n: float) -> str:
