@@ -99,9 +99,9 @@ def _check_lora_shapes(mod: str, ad: LoraAdapter, w: tuple) -> None:
 
 
 def read(path: Path, preset: Optional[str] = None, vocab_size: Optional[int] = None,
-         keep_padding: bool = False) -> Source:
+         keep_padding: bool = False, check_crc: bool = True) -> Source:
     """A corenet (or HF-named) ``.pt``/``.bin`` file as a Source; the vocabulary padding is trimmed."""
-    sd, kind = unwrap(load_checkpoint(path), path)
+    sd, kind = unwrap(load_checkpoint(path, check_crc=check_crc), path)
     sd = {k: v for k, v in sd.items() if not schema.is_ignorable(k)}
     base, lora = split_lora(sd)
     if lora:

@@ -98,13 +98,13 @@ def weight_files(folder: Path) -> List[Path]:
     raise ConversionError(f"{folder} has no *.safetensors or pytorch_model*.bin weights.")
 
 
-def read_weights(files: List[Path]) -> Dict[str, LazyTensor]:
+def read_weights(files: List[Path], check_crc: bool = True) -> Dict[str, LazyTensor]:
     tensors: Dict[str, LazyTensor] = {}
     for f in files:
         if f.suffix == ".safetensors":
             part = read_safetensors(f)
         else:
-            part, _ = unwrap(load_checkpoint(f), f)
+            part, _ = unwrap(load_checkpoint(f, check_crc=check_crc), f)
         dup = set(part) & set(tensors)
         if dup:
             raise ConversionError(f"tensor {plain(sorted(dup)[0])} appears in more than one weight file.")
@@ -112,11 +112,11 @@ def read_weights(files: List[Path]) -> Dict[str, LazyTensor]:
     return tensors
 
 
-def read(folder: Path, location: str, preset: Optional[str] = None) -> Source:
+def read(folder: Path, location: str, preset: Optional[str] = None, check_crc: bool = True) -> Source:
     """A local HF OpenELM folder as a Source, validated against its config.json."""
     cfg_path = folder / "config.json"
     files = weight_files(folder)
-    tensors = {k: v for k, v in read_weights(files).items() if not schema.is_ignorable(k)}
+    tensors = {k: v for k, v in read_weights(files, check_crc).items() if not schema.is_ignorable(k)}
     base, lora = split_lora(tensors)
     kind = "Hugging Face " + ("safetensors" if files[0].suffix == ".safetensors" else "pytorch_model.bin")
     if cfg_path.exists():

@@ -30,6 +30,9 @@ def convert(
     force_float16: bool = typer.Option(False, "--force-float16", help="Allow float16 for the 3B model (its activations overflow)."),
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, or commit)."),
+    check_crc: bool = typer.Option(True, "--check-crc/--no-check-crc",
+                                   help="Check the CRC-32 of every .pt/.bin zip entry before using it (default); "
+                                        "--no-check-crc skips it (about 0.4 s per GB)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Convert an OpenELM PyTorch checkpoint into an MLX folder; no code from the file is executed."""
@@ -40,7 +43,7 @@ def convert(
                  quantize_embedding=quantize_embedding, tokenizer=tokenizer, keep_padding=keep_padding,
                  vocab_size=vocab_size, merge_lora=merge_lora, lora_scale=lora_scale, verify=verify, force=force,
                  force_float16=force_float16, max_shard_size=max_shard_size, revision=revision,
-                 progress=not quiet, command=command)
+                 progress=not quiet, command=command, check_crc=check_crc)
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(report.summary())
