@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from convert import schema
-from convert.quoting import plain, quote
+from convert.untrusted import plain, quote
 from convert.safe_pickle import load_checkpoint
 from convert.source import LoraAdapter, Source
 from convert.tensors import LazyTensor

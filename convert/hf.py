@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 from convert import schema
 from convert.corenet import split_lora, unwrap
-from convert.quoting import plain, quote
+from convert.untrusted import plain, quote
 from convert.safe_pickle import load_checkpoint
 from convert.safetensors_reader import read_safetensors
 from convert.source import Source

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from convert.quoting import plain
+from convert.untrusted import plain
 from convert.source import LoraAdapter, Source
 from convert.tensors import LazyTensor, to_float32
 from mlx_elm.errors import ConversionError

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
-from convert.quoting import human, quote
+from convert.untrusted import human, quote
 from convert.tensors import NUMPY_DTYPES, LazyTensor, as_bfloat16
 from convert.zip_entries import ZipArchive
 from mlx_elm.errors import ConversionError, UnsafeCheckpointError

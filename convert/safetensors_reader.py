@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from convert.quoting import file_name, quote
+from convert.untrusted import file_name, quote, regular_file
 from convert.tensors import NUMPY_DTYPES, LazyTensor, as_bfloat16
 from mlx_elm.errors import ConversionError
 
@@ -31,9 +31,9 @@ def read_safetensors(path: str | Path) -> Dict[str, LazyTensor]:
     """Name -> lazy tensor for one safetensors file; raises ConversionError if it is malformed."""
     path = Path(path)
     name = file_name(path)
+    size = regular_file(path, name)
     try:
         with open(path, "rb") as f:
-            size = path.stat().st_size
             head = f.read(8)
             if len(head) < 8:
                 raise ConversionError(f"{name} is too short to be a safetensors file; it is truncated.")

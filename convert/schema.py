@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Mapping, Optional, Tuple
 
-from convert.quoting import plain, quote
+from convert.untrusted import plain, quote
 from mlx_elm.errors import ConversionError
 from mlx_elm.models.openelm import PRESETS, ModelArgs, preset
 

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from convert.quoting import file_name, human, quote
+from convert.untrusted import file_name, human, quote, regular_file
 from mlx_elm.errors import ConversionError
 
 # torch.save never compresses, so a deflated entry is someone else's archive; it may still inflate
@@ -41,6 +41,7 @@ class ZipArchive:
         self._crcs: Dict[str, Future] = {}  # entry name -> its CRC-32, computed once by whichever thread gets it first
         self._lock = threading.Lock()
         self._ahead: Optional[threading.Thread] = None
+        regular_file(path, self.name)
         try:
             with open(path, "rb") as f:
                 self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -76,7 +77,7 @@ class ZipArchive:
         if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
             raise ConversionError(f"{what} is stored uncompressed but gives two sizes ({info.compress_size} and "
                                   f"{info.file_size}); the file is corrupt.")
-        head = self.map[info.header_offset: info.header_offset + 30]
+        head = self.map[info.header_offset: info.header_offset + 30] if info.header_offset >= 0 else b""
         if len(head) < 30 or head[:4] != b"PK\x03\x04":
             raise ConversionError(f"{what} has no local zip header where the directory says; the file is corrupt.")
         name_len, extra_len = struct.unpack("<HH", head[26:30])

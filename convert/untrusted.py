@@ -1,14 +1,19 @@
-"""File content shown in error messages: escaped, cut short, and built in bounded time.
+"""Small helpers for files we do not trust: quoting their content in messages, opening them.
 
 A checkpoint chooses its own names, keys and persistent ids, so a message that quotes them could
 otherwise carry terminal escape sequences, newlines, or a repr that takes minutes to build
-(``str()`` of a memo-shared nested tuple is exponential in its depth).
+(``str()`` of a memo-shared nested tuple is exponential in its depth). ``quote`` escapes, cuts
+short and never does more work than its limit.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any, List
+
+from mlx_elm.errors import ConversionError
 
 LIMIT = 60
 
@@ -41,6 +46,17 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+def regular_file(path: Path, name: str) -> int:
+    """The size of ``path`` if it is a regular file; opening a FIFO would block forever."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConversionError(f"cannot read {name} ({e.strerror}); check the path and its permissions.") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise ConversionError(f"{name} is not a regular file (a folder, FIFO or device); pass a checkpoint file.")
+    return st.st_size
 
 
 def _brief(value: Any, out: List[str], budget: List[int]) -> None:
