@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from convert import schema
-from convert.untrusted import plain, quote
 from convert.safe_pickle import load_checkpoint
 from convert.source import LoraAdapter, Source
 from convert.tensors import LazyTensor
+from convert.untrusted import file_name, plain, quote
 from mlx_elm.errors import ConversionError
 
 CORENET_PADDED_VOCAB, OPENELM_VOCAB = 32128, 32000
@@ -35,10 +35,10 @@ def unwrap(obj: Any, path: Path) -> tuple[Dict[str, LazyTensor], str]:
                     obj, kind = inner, f"corenet training checkpoint ('{key}')"
                     break
     if not isinstance(obj, Mapping) or not obj:
-        raise ConversionError(f"{path.name} does not hold a state_dict (a dict of tensors); pass a model checkpoint.")
+        raise ConversionError(f"{file_name(path)} does not hold a state_dict (a dict of tensors); pass a model checkpoint.")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, LazyTensor)]
     if bad:
-        raise ConversionError(f"{path.name}: entry {quote(bad[0])} is not a tensor; expected a flat state_dict "
+        raise ConversionError(f"{file_name(path)}: entry {quote(bad[0])} is not a tensor; expected a flat state_dict "
                               "or a training checkpoint with 'model_state_dict'.")
     sd = dict(obj)
     if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
@@ -109,9 +109,9 @@ def read(path: Path, preset: Optional[str] = None, vocab_size: Optional[int] = N
         kind = f"{kind} + {'DoRA' if dora else 'LoRA'} adapter"
     emb = base.get("transformer.token_embeddings.weight")
     if emb is None:
-        raise ConversionError(f"{path.name} has no token_embeddings.weight; it is not an OpenELM checkpoint.")
+        raise ConversionError(f"{file_name(path)} has no token_embeddings.weight; it is not an OpenELM checkpoint.")
     if len(emb.shape) != 2:
-        raise ConversionError(f"{path.name}: token_embeddings.weight has shape {emb.shape}, not [vocab, dim]; it is "
+        raise ConversionError(f"{file_name(path)}: token_embeddings.weight has shape {emb.shape}, not [vocab, dim]; it is "
                               "not an OpenELM checkpoint.")
     rows = emb.shape[0]
     notes = []

@@ -15,11 +15,11 @@ from typing import Any, Dict, List, Optional
 
 from convert import schema
 from convert.corenet import split_lora, unwrap
-from convert.untrusted import plain, quote
 from convert.safe_pickle import load_checkpoint
 from convert.safetensors_reader import read_safetensors
 from convert.source import Source
 from convert.tensors import LazyTensor
+from convert.untrusted import plain, quote
 from mlx_elm.errors import ConversionError
 from mlx_elm.models.openelm import ModelArgs
 

@@ -14,9 +14,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from convert.untrusted import plain
 from convert.source import LoraAdapter, Source
 from convert.tensors import LazyTensor, to_float32
+from convert.untrusted import plain
 from mlx_elm.errors import ConversionError
 from mlx_elm.models.openelm import ModelArgs
 

@@ -26,8 +26,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
-from convert.untrusted import human, quote
 from convert.tensors import NUMPY_DTYPES, LazyTensor, as_bfloat16
+from convert.untrusted import human, quote
 from convert.zip_entries import ZipArchive
 from mlx_elm.errors import ConversionError, UnsafeCheckpointError
 

@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from convert.untrusted import file_name, quote, regular_file
 from convert.tensors import NUMPY_DTYPES, LazyTensor, as_bfloat16
+from convert.untrusted import file_name, quote, regular_file
 from mlx_elm.errors import ConversionError
 
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
