@@ -35,7 +35,8 @@ def unwrap(obj: Any, path: Path) -> tuple[Dict[str, LazyTensor], str]:
                     obj, kind = inner, f"corenet training checkpoint ('{key}')"
                     break
     if not isinstance(obj, Mapping) or not obj:
-        raise ConversionError(f"{file_name(path)} does not hold a state_dict (a dict of tensors); pass a model checkpoint.")
+        raise ConversionError(f"{file_name(path)} does not hold a state_dict (a dict of tensors); pass a model "
+                              "checkpoint.")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, LazyTensor)]
     if bad:
         raise ConversionError(f"{file_name(path)}: entry {quote(bad[0])} is not a tensor; expected a flat state_dict "
@@ -111,8 +112,8 @@ def read(path: Path, preset: Optional[str] = None, vocab_size: Optional[int] = N
     if emb is None:
         raise ConversionError(f"{file_name(path)} has no token_embeddings.weight; it is not an OpenELM checkpoint.")
     if len(emb.shape) != 2:
-        raise ConversionError(f"{file_name(path)}: token_embeddings.weight has shape {emb.shape}, not [vocab, dim]; it is "
-                              "not an OpenELM checkpoint.")
+        raise ConversionError(f"{file_name(path)}: token_embeddings.weight has shape {emb.shape}, not "
+                              "[vocab, dim]; it is not an OpenELM checkpoint.")
     rows = emb.shape[0]
     notes = []
     if keep_padding:

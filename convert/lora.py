@@ -74,7 +74,8 @@ def export(linear: Dict[str, LoraAdapter], args: ModelArgs, scale: float) -> dic
     keys, layers, ranks = set(), set(), set()
     for mod, ad in linear.items():
         parts = mod.split(".")
-        if parts[:2] != ["transformer", "layers"] or len(parts) < 4 or not (parts[2].isascii() and parts[2].isdigit()):
+        numbered = len(parts) > 3 and parts[2].isascii() and parts[2].isdigit()
+        if parts[:2] != ["transformer", "layers"] or not numbered:
             raise ConversionError(f"LoRA adapter on {plain(mod)} cannot be expressed in mlx-lm's adapter format.")
         layers.add(int(parts[2]))
         keys.add(".".join(parts[3:]))

@@ -183,9 +183,9 @@ def state_dict_entries(arrays: Dict[str, np.ndarray], prefix: str = "archive", e
     """data.pkl + one storage per array (contiguous, little-endian), as torch.save writes them."""
     items, storages = [], []
     for i, (name, a) in enumerate(arrays.items()):
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a)  # not ascontiguousarray: it turns a 0-d array into shape (1,)
         items.append((name, tensor_node(str(i), STORAGE[a.dtype.name], a.size, a.shape, contiguous_strides(a.shape))))
-        storages.append(Entry(f"{prefix}/data/{i}", a.astype(a.dtype.newbyteorder("<")).tobytes()))
+        storages.append(Entry(f"{prefix}/data/{i}", a.astype(a.dtype.newbyteorder("<")).tobytes(order="C")))
     obj: Any = ODict(tuple(items))
     if extra is not None:
         obj = {"model_state_dict": obj, **extra}
