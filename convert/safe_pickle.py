@@ -389,7 +389,7 @@ class _TorchArchive:
         return info
 
     def storage_array(self, info: zipfile.ZipInfo, dtype: str, numel: int) -> np.ndarray:
-        buf, offset = self.zip.storage(info, ahead=True)
+        buf, offset = self.zip.storage(info)
         arr = np.frombuffer(buf, dtype=np.dtype(NUMPY_DTYPES[dtype]), count=numel, offset=offset)
         return arr.byteswap() if self.big_endian and arr.itemsize > 1 else arr
 

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import mmap
 import struct
-import threading
-import weakref
 import zipfile
 import zlib
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Tuple, Union
 
 from convert.untrusted import file_name, human, quote, regular_file
 from mlx_elm.errors import ConversionError
@@ -26,7 +23,6 @@ from mlx_elm.errors import ConversionError
 # to this multiple of its compressed size (plus 1 MiB), far above what real weights compress by.
 INFLATE_RATIO = 64
 _CHUNK = 1 << 20
-AHEAD_BYTES = 16 << 20  # check CRCs ahead in a thread when the stored entries hold more than this
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, struct.error,
                NotImplementedError, OverflowError, IndexError, KeyError)
 
@@ -38,9 +34,7 @@ class ZipArchive:
 
     def __init__(self, path: Path, check_crc: bool = True) -> None:
         self.path, self.name, self.check_crc = path, file_name(path), check_crc
-        self._crcs: Dict[str, Future] = {}  # entry name -> its CRC-32, computed once by whichever thread gets it first
-        self._lock = threading.Lock()
-        self._ahead: Optional[threading.Thread] = None
+        self._crcs: Dict[str, int] = {}  # entry name -> CRC-32 of its stored bytes
         regular_file(path, self.name)
         try:
             with open(path, "rb") as f:
@@ -103,48 +97,22 @@ class ZipArchive:
         buf, offset = self.storage(info)
         return bytes(buf[offset: offset + info.file_size])
 
-    def storage(self, info: zipfile.ZipInfo, ahead: bool = False) -> Tuple[Buffer, int]:
+    def storage(self, info: zipfile.ZipInfo) -> Tuple[Buffer, int]:
         """(buffer, offset) of an entry's uncompressed bytes: the memory map itself for a stored entry
-        (no copy), an inflated bytearray for a deflated one. CRC-checked before it is returned;
-        ``ahead`` starts checking the other stored entries in the background (see _start_ahead)."""
+        (no copy), an inflated bytearray for a deflated one. CRC-checked before it is returned."""
         start, end = self.span(info)
         if info.compress_type == zipfile.ZIP_DEFLATED:
             return self._inflate(info, start, end), 0
         if self.check_crc:
-            if ahead and self._ahead is None:
-                self._start_ahead()
             self._check_crc(info, self._stored_crc(info.filename, start, end))
         return self.map, start
 
     def _stored_crc(self, name: str, start: int, end: int) -> int:
-        """The CRC-32 of a stored entry: computed here, or awaited if the look-ahead thread has it."""
-        future = self._claim(name)
-        if future is not None:
+        """The CRC-32 of a stored entry, computed once (on first use) and remembered."""
+        if name not in self._crcs:
             with memoryview(self.map)[start:end] as view:
-                future.set_result(zlib.crc32(view))
-        return self._crcs[name].result()
-
-    def _claim(self, name: str) -> Optional[Future]:
-        """A future to fill if no thread has started on ``name`` yet, else None."""
-        with self._lock:
-            if name in self._crcs:
-                return None
-            future = self._crcs[name] = Future()
-            return future
-
-    def _start_ahead(self) -> None:
-        """One daemon thread that checksums every stored entry in file order while the caller uses
-        the ones it already has (zlib.crc32 releases the GIL), so the check overlaps the work."""
-        jobs: List[Tuple[str, int, int]] = []
-        for info in sorted(self.entries.values(), key=lambda i: i.header_offset):
-            if info.compress_type == zipfile.ZIP_STORED:
-                try:
-                    jobs.append((info.filename, *self.span(info)))
-                except ConversionError:  # reported when (if) the entry is used
-                    continue
-        self._ahead = threading.Thread(target=_check_ahead, args=(weakref.ref(self), jobs), daemon=True)
-        if sum(end - start for _, start, end in jobs) > AHEAD_BYTES:
-            self._ahead.start()
+                self._crcs[name] = zlib.crc32(view)
+        return self._crcs[name]
 
     def _inflate(self, info: zipfile.ZipInfo, start: int, end: int) -> bytearray:
         """Inflate into exactly ``file_size`` bytes; a stream that would write more stops there."""
@@ -184,18 +152,3 @@ class ZipArchive:
                                   f"{info.CRC:08x}, read {crc:08x}); the file is corrupt: download or copy it again "
                                   "(or pass --no-check-crc / check_crc=False to convert it anyway).")
 
-
-def _check_ahead(archive_ref: "weakref.ref[ZipArchive]", jobs: List[Tuple[str, int, int]]) -> None:
-    """Body of the look-ahead thread; stops as soon as the archive is no longer used."""
-    for name, start, end in jobs:
-        archive = archive_ref()
-        if archive is None:
-            return
-        future, buffer = archive._claim(name), archive.map
-        del archive
-        if future is not None:
-            try:
-                with memoryview(buffer)[start:end] as view:
-                    future.set_result(zlib.crc32(view))
-            except (ValueError, OSError) as e:  # the map was closed under us
-                future.set_exception(e)

@@ -3,9 +3,9 @@
     PYTHONPATH=. python tests/crc_cost.py --pt /tmp/bench/openelm-270m-corenet.pt --repeats 3 [--baseline DIR]
 
 Without --pt it first writes a random OpenELM-270M-shaped corenet .pt (fp32, 1.09 GB) exactly as
-``examples/bench_convert.py`` does. Each measurement is a fresh process, the three variants
-(CRC with its look-ahead thread, CRC computed only on use, no CRC) in turn so that a busy machine
-slows all alike; the best wall time and the best CPU time (all threads) of --repeats are reported.
+``examples/bench_convert.py`` does. Each measurement is a fresh process, the variants (CRC, no
+CRC) in turn so that a busy machine slows both alike; the best wall time and the best CPU time of
+--repeats are reported.
 ``--baseline DIR`` adds a fourth variant: another checkout (e.g. the code before the CRC check).
 """
 
@@ -24,9 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PRELUDE = """
 import sys, time, json, resource
 sys.path.insert(0, {root!r})
-if {sync}:  # no look-ahead thread: every CRC computed when its entry is first used
-    import convert.zip_entries
-    convert.zip_entries.AHEAD_BYTES = 2**62
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -40,7 +37,8 @@ print(json.dumps(dict(seconds=time.perf_counter() - t, cpu=cpu() - c)))
 """
 
 CONVERT = PRELUDE + """
-from convert import convert
+from convert import convert, lora, quantize, schema, writer  # imports outside the timed part
+import mlx.core, tqdm, mlx_elm.models.openelm
 t, c = time.perf_counter(), cpu()
 r = convert({pt!r}, {out!r}, dtype="bfloat16", progress=False{kw})
 print(json.dumps(dict(seconds=time.perf_counter() - t, cpu=cpu() - c)))
@@ -68,17 +66,16 @@ def main() -> None:
 
             pt, _ = make_sources(a.workdir)
         print(f"{pt}: {pt.stat().st_size / 1e9:.2f} GB")
-        variants = {"CRC (default)": (ROOT, True, False), "CRC, no look-ahead thread": (ROOT, True, True),
-                    "--no-check-crc": (ROOT, False, False)}
+        variants = {"CRC (default)": (ROOT, True), "--no-check-crc": (ROOT, False)}
         if a.baseline:
-            variants[f"baseline {a.baseline}"] = (a.baseline, None, False)
+            variants[f"baseline {a.baseline}"] = (a.baseline, None)
         for label, code in (("read every tensor (load_arrays)", READ), ("convert to bf16", CONVERT)):
             runs = {v: [] for v in variants}
             for i in range(a.repeats):
-                for v, (root, crc, sync) in variants.items():
+                for v, (root, crc) in variants.items():
                     out = a.workdir / f"out-{i}"
                     kw = "" if crc is None else f", check_crc={crc}"
-                    runs[v].append(run(code.format(root=str(root), pt=str(pt), kw=kw, sync=sync, out=str(out))))
+                    runs[v].append(run(code.format(root=str(root), pt=str(pt), kw=kw, out=str(out))))
                     shutil.rmtree(out, ignore_errors=True)
             print(f"{label}, best of {a.repeats} (wall s / CPU s):")
             base = min(r["seconds"] for r in runs["--no-check-crc"])
