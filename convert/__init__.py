@@ -103,7 +103,7 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
 
     ``lora_scale`` is alpha / r of a corenet LoRA checkpoint (not stored in the file; corenet's
     OpenELM recipe uses alpha = r = 32, hence 1.0). ``check_crc=False`` skips the CRC-32 check
-    of .pt/.bin zip entries (faster by about a second per 2 GB; a corrupt byte then goes unnoticed).
+    of .pt/.bin zip entries (one pass over the file saved; a corrupt byte then goes unnoticed).
     Raises ConversionError (one line) on any problem, leaving nothing at ``out_dir``.
     """
     import mlx.core as mx

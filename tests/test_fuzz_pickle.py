@@ -33,8 +33,8 @@ from mlx_elm.errors import MlxElmError
 
 PER_CASE_S = 5.0        # a tiny file; anything near this is a hang in the making
 WATCHDOG_S = 60.0       # past this the process is killed with a traceback
-SEEDED = {"bytes": 300, "zip": 150, "pickle": 150, "safetensors": 150}
-EXAMPLES = 100          # per hypothesis property
+SEEDED = {"bytes": 300, "zip": 100, "pickle": 100, "safetensors": 100}
+EXAMPLES = 75           # per hypothesis property
 SLACK = getattr(safe_pickle, "VIEW_SLACK", 64 << 20)  # what tensors may declare beyond their storages
 
 
@@ -94,15 +94,6 @@ def test_base_files_are_valid(tmp_path):
     assert _check(tmp_path, BASE_ST, _load_st, ".safetensors") == "ok"
 
 
-def test_torch_reads_the_base_file_alike(tmp_path):
-    torch = pytest.importorskip("torch")
-    path = tmp_path / "base.pt"
-    path.write_bytes(BASE_PT)
-    theirs = torch.load(path, weights_only=True)
-    ours = load_arrays(path)
-    assert all(np.array_equal(ours[k], theirs[k].numpy()) for k in theirs)
-
-
 # --- seeded mutation loops ---------------------------------------------------------------------
 
 
@@ -140,10 +131,8 @@ try:
 except ImportError:  # the seeded loops above still run
     st = None
 
-
-@pytest.mark.skipif(st is not None, reason="hypothesis is installed: the properties below run")
-def test_properties_need_hypothesis():
-    pytest.skip("install hypothesis to run the property-based fuzzing")
+    def test_properties_need_hypothesis():
+        pytest.skip("install hypothesis to run the property-based fuzzing")
 
 
 if st is not None:

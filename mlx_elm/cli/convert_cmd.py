@@ -32,7 +32,7 @@ def convert(
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, or commit)."),
     check_crc: bool = typer.Option(True, "--check-crc/--no-check-crc",
                                    help="Check the CRC-32 of every .pt/.bin zip entry before using it (default); "
-                                        "--no-check-crc skips it (about 0.4 s per GB)."),
+                                        "--no-check-crc skips it, saving one pass over the file."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Convert an OpenELM PyTorch checkpoint into an MLX folder; no code from the file is executed."""
