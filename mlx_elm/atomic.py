@@ -3,7 +3,8 @@ place, so a crash or Ctrl-C never leaves a half-written checkpoint, model or plo
 
 Temporary names carry the writer's process id (``.NAME.tmp-PID-RANDOM``), so debris of a writer
 that was killed (``kill -9`` leaves no chance to clean up) is recognised as ours and removed by the
-next writer of the same target, while a live writer's folder is never touched.
+next writer of the same target, while a live writer's folder is never touched. Scratch names
+without a PID (written by mlx-elm 0.1) count as debris once untouched for ``STALE_AGE_S``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import glob
 import os
 import re
 import shutil
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ from mlx_elm.errors import MlxElmError
 
 PathLike = Union[str, Path]
 _KINDS = ("tmp", "old")  # work in progress, and a replaced folder waiting to be deleted
+STALE_AGE_S = 3600.0
 
 
 def _scratch(target: Path, kind: str, suffix: str = "") -> Path:
@@ -28,12 +31,13 @@ def _scratch(target: Path, kind: str, suffix: str = "") -> Path:
 
 
 def _writer_pid(path: Path, target: Path) -> int | None:
-    """The PID recorded in one of our scratch names for ``target``, or None if it is not ours."""
+    """The PID recorded in one of our scratch names for ``target``; -1 for our name without a PID
+    (an older version's); None if the name is not ours."""
     for kind in _KINDS:
         prefix = f".{target.name}.{kind}-"
         if path.name.startswith(prefix):
             pid = path.name[len(prefix):].split("-", 1)[0]
-            return int(pid) if pid.isdigit() else None
+            return int(pid) if pid.isdigit() else -1
     return None
 
 
@@ -59,8 +63,19 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _dead(pid: int | None) -> bool:
-    return pid is not None and pid != os.getpid() and not process_alive(pid)
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _dead(pid: int | None, path: Path) -> bool:
+    if pid is None or pid == os.getpid():
+        return False
+    if pid < 0:  # no PID in the name: stale once nobody has touched it for a while
+        return _age_s(path) > STALE_AGE_S
+    return not process_alive(pid)
 
 
 def remove_stale(target: PathLike) -> List[Path]:
@@ -70,7 +85,7 @@ def remove_stale(target: PathLike) -> List[Path]:
         return []
     removed = []
     for path in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
-        if _dead(_writer_pid(path, target)):
+        if _dead(_writer_pid(path, target), path):
             _remove(path)
             removed.append(path)
     return removed
@@ -88,7 +103,7 @@ def sweep_stale(folder: PathLike) -> List[Path]:
         return removed
     for path in folder.iterdir():
         m = _SCRATCH.match(path.name)
-        if m and _dead(int(m.group("pid"))):
+        if m and _dead(int(m.group("pid")), path):
             _remove(path)
             removed.append(path)
     return removed

@@ -7,11 +7,14 @@ OpenELM repos ship no tokenizer (they use Llama-2's SentencePiece model), so a u
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
+
+from mlx_lm.tokenizer_utils import load as load_wrapper
+from transformers.utils import logging as hf_logging
 
 from mlx_elm.atomic import atomic_folder
 from mlx_elm.errors import TokenizerError
@@ -105,8 +108,6 @@ def _quiet_transformers():
     """transformers warns that it does not know ``model_type: openelm`` when it reads a model
     folder's config for the tokenizer; the tokenizer itself is fine, so keep that off the user's
     terminal."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -117,8 +118,6 @@ def _quiet_transformers():
 
 def load_tokenizer(model_dir: Path, tokenizer: Optional[str] = None, config: Optional[dict] = None):
     """The tokenizer for a model folder: ``tokenizer`` if given, else the folder's own files."""
-    from mlx_lm.tokenizer_utils import load as load_wrapper
-
     config = config or {}
     if tokenizer is not None:
         src = Path(tokenizer).expanduser()

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from tqdm import tqdm
 
 from mlx_elm.errors import TrainingError
 from mlx_elm.train import checkpoint as ckpt
@@ -271,8 +272,6 @@ def train(
     main = world.is_main
     bar = None
     if cfg.progress and main:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, leave=True)
     mx.reset_peak_memory()
     t_train = 0.0
