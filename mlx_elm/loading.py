@@ -105,12 +105,16 @@ def load_model(
     try:
         model, config = mlx_lm_load_model(path, lazy=True, get_model_classes=get_model_classes)
     except ValueError as e:
-        first = str(e).splitlines()[0]
+        first = (str(e).splitlines() or [type(e).__name__])[0]
         if "not supported" in first:
-            raise ModelLoadError(f"{path}: {first}; upgrade mlx-lm or convert to a supported type") from None
-        raise ModelLoadError(f"weights in {path} do not match its config.json: {first}; re-convert the model") from None
-    except (KeyError, TypeError) as e:
-        raise ModelLoadError(f"config.json in {path} is missing or has a bad field ({e}); re-convert the model") from None
+            raise ModelLoadError(f"{path}: {first}; upgrade mlx-lm or convert to a supported type") from e
+        raise ModelLoadError(f"weights in {path} do not match its config.json: {first}; re-convert the model") from e
+    except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
+        raise ModelLoadError(f"config.json in {path} is missing or has a bad field ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:120]}); re-convert the model") from e
+    except MemoryError as e:
+        raise ModelLoadError(f"config.json in {path} describes a model too large for this machine's memory; "
+                             "check its sizes or re-convert the model") from e
     rep, reason = choose_representation(model, representation)
     apply_representation(model, rep)
     if not lazy:
