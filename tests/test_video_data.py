@@ -94,6 +94,7 @@ def test_direction_answers_match_the_pixels(data):
     assert checked >= 5
 
 
+@pytest.mark.slow
 def test_counts_and_colour_changes_match_the_pixels(data):
     scenes, rows = D.read_split(data, "id")
     checked = 0

@@ -57,6 +57,7 @@ def _tiny_openelm(seed=0):
 # --- frame encoder -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # importing transformers alone takes ~10 s on the shared CPU
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_converted_tower_matches_transformers(kind, fmt, tmp_path):
@@ -212,6 +213,7 @@ def _cfg(root, decoder, out, **kw):
     return replace(base, **kw)
 
 
+@pytest.mark.slow
 def test_tiny_run_lowers_the_loss_and_the_model_answers(tiny_world, tmp_path):
     from mlx_elm.generation import SamplingOptions
     from mlx_elm.video.assistant import VideoAssistant
