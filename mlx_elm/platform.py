@@ -131,6 +131,31 @@ def is_cpu_backend() -> bool:
     return mx.default_device() == mx.cpu or backend_name() == "cpu"
 
 
+MOE_DISPATCH_ENV = "MLX_ELM_MOE_DISPATCH"
+MOE_DISPATCHES = ("gather", "blocked")
+# Below this many (token, expert) assignments the per-assignment gather is cheaper than padding
+# every expert's rows to a block (decode); measured by ``mlx-elm bench moe`` (docs/moe.md).
+MOE_BLOCKED_MIN_ASSIGNMENTS = 64
+
+
+def expert_dispatch(num_assignments: int, num_experts: int) -> str:
+    """How MoE layers run their experts on this backend: ``"gather"`` or ``"blocked"``.
+
+    ``gather``: mlx-lm's switch layers, one ``gather_mm`` row per (token, expert) assignment,
+    sorted by expert for large counts; fastest on Metal, where the kernel batches rows per expert.
+    ``blocked``: assignments sorted by expert and padded into fixed-size blocks of one expert each,
+    so every block is a real matrix product; the same numbers, and 2-4x faster on the CPU backend,
+    whose ``gather_mm`` multiplies row by row (``mlx-elm bench moe``). Set
+    ``MLX_ELM_MOE_DISPATCH=gather|blocked`` to force one.
+    """
+    forced = os.environ.get(MOE_DISPATCH_ENV, "").strip().lower()
+    if forced in MOE_DISPATCHES:
+        return forced
+    if not is_cpu_backend() or num_assignments < MOE_BLOCKED_MIN_ASSIGNMENTS:
+        return "gather"
+    return "blocked"
+
+
 def doctor() -> DoctorReport:
     """Backend, device, BLAS and memory facts a user needs when asking why something is slow."""
     import mlx.core as mx
