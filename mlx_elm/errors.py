@@ -42,3 +42,7 @@ class DiffusionError(MlxElmError):
 
 class NgramError(MlxElmError):
     """Invalid n-gram model or construction options."""
+
+
+class MoEError(MlxElmError):
+    """Invalid mixture-of-experts options, models or benchmark settings."""

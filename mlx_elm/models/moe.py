@@ -60,6 +60,7 @@ class XMoERouter(nn.Module):
         super().__init__()
         self.reduce = nn.Linear(dims, routing_dims, bias=False)
         self.wg = orthogonal((num_experts, routing_dims), XMOE_GAIN)
+        self.renormalize()  # what the official code does before its first forward
 
     def __call__(self, x: mx.array) -> mx.array:
         wg = self.wg.astype(mx.float32)

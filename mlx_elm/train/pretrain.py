@@ -14,20 +14,23 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_elm.atomic import atomic_file
 from mlx_elm.errors import TrainingError
 from mlx_elm.model_folder import count_parameters, update_model_files
+from mlx_elm.models import preset_config
 from mlx_elm.train.data import load_dataset
 from mlx_elm.train.distributed import init_world
 from mlx_elm.train.loop import TrainConfig, TrainResult, train
+from mlx_elm.train.moe_loss import training_hooks
+
+MOE_METRICS_FILE = "moe_metrics.json"
 
 
 def resolve_config(spec: dict) -> dict:
     """A full model config from a config.json dict or a ``preset`` + ``overrides`` dict."""
     if "preset" in spec:
-        from mlx_elm.models.openelm import preset
-
         try:
-            return preset(spec["preset"], **spec.get("overrides", {})).to_dict()
+            return preset_config(spec["preset"], **spec.get("overrides", {}))
         except (ValueError, TypeError) as e:
             raise TrainingError(f"config preset: {e}") from None
     if "model_type" not in spec:
@@ -90,8 +93,36 @@ def pretrain(
         log(f"model: {config.get('model_type')} with {n_params / 1e6:.2f}M parameters, from scratch")
         log(f"data: {data.summary()}")
     fp = {"config": config}
-    result = train(model, data, cfg, out_dir, lambda m: update_model_files(out_dir, m, config), fingerprint=fp,
-                   world=world, log=log)
+    loss_fn, on_step = training_hooks(model)
+    history = read_metrics(out_dir / MOE_METRICS_FILE) if cfg.resume else []
+
+    def save(m):
+        update_model_files(out_dir, m, config)
+        if loss_fn is not None:  # MoE: per-step auxiliary losses and per-layer routing metrics
+            write_metrics(out_dir / MOE_METRICS_FILE, history)
+
+    def record(step, loss, metrics):
+        while history and history[-1]["step"] >= step:  # resumed from an earlier checkpoint
+            history.pop()
+        history.append({"step": step, "loss": loss, **metrics})
+        if on_step is not None:
+            on_step(step, loss, metrics)
+
+    result = train(model, data, cfg, out_dir, save, fingerprint=fp, world=world, log=log, loss_fn=loss_fn,
+                   on_step=record)
     if world.is_main:
         log(result.summary())
     return result
+
+
+def write_metrics(path: Path, history: list) -> None:
+    """Per-step training metrics as one JSON file (rewritten atomically at each checkpoint)."""
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(history) + "\n")
+
+
+def read_metrics(path: Path) -> list:
+    try:
+        return list(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return []

@@ -1,0 +1,110 @@
+"""Routing statistics of a trained MoE model on text, and the expert-load plot.
+
+``routing_stats(model, batches)`` runs the model with ``return_aux=True`` and accumulates one
+:class:`mlx_elm.models.moe.RoutingStats` per MoE layer; ``plot_load`` draws the layer x expert
+heat map of load shares (the v1 paper's Fig. 1a layout).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from mlx_elm.errors import MoEError
+from mlx_elm.models.moe import PAPER_THRESHOLDS, MHMoE, RoutingStats, activation_ratio, is_moe_layer
+
+
+def moe_layers(model: nn.Module) -> List[Tuple[int, nn.Module]]:
+    """``(block index, MoE layer)`` for every block holding one (an MH-MoE counts once, not also
+    through its inner SparseMoE)."""
+    out = []
+    for i, block in enumerate(getattr(model, "layers", [model])):
+        found = [m for _, m in block.named_modules() if isinstance(m, MHMoE)]
+        found = found or [m for _, m in block.named_modules() if is_moe_layer(m)]
+        if found:
+            out.append((i, found[0]))
+    return out
+
+
+def empty_stats(model: nn.Module) -> List[RoutingStats]:
+    out = []
+    for _, layer in moe_layers(model):
+        inner, group = (layer.moe, layer.heads) if isinstance(layer, MHMoE) else (layer, 1)
+        out.append(RoutingStats(inner.num_experts, group=group, top_k=inner.top_k))
+    if not out:
+        raise MoEError("the model has no MoE layers; routing statistics need an OpenELM-MoE (or other MoE) model")
+    return out
+
+
+def routing_stats(model: nn.Module, batches: Iterable[np.ndarray], progress=None) -> List[RoutingStats]:
+    """Accumulate per-layer routing counts over token batches ``(B, L)``."""
+    stats = empty_stats(model)
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        _, aux = model(mx.array(batch), return_aux=True)
+        mx.eval(aux)
+        for s, a in zip(stats, aux):
+            s.add(a)
+        if progress is not None:
+            progress(1)
+    if was_training:
+        model.train()
+    return stats
+
+
+def summary_table(stats: Sequence[RoutingStats], layer_ids: Sequence[int]) -> List[Dict[str, float]]:
+    """One row per MoE layer: entropy, CV, min/max share, dead/cold experts, activation ratios."""
+    return [dict(layer=int(i), experts=s.num_experts, **s.summary()) for i, s in zip(layer_ids, stats)]
+
+
+def model_summary(stats: Sequence[RoutingStats]) -> Dict[str, float]:
+    """Activation ratios over all (layer, expert) cells, per basis and threshold, plus means."""
+    out: Dict[str, float] = {}
+    for basis, key in (("per_token", "act_token"), ("per_subtoken", "act_subtoken"), ("token_coverage", "act_coverage")):
+        for tau in PAPER_THRESHOLDS:
+            out[f"{key}@{tau}"] = activation_ratio(stats, tau, basis)
+    out["entropy"] = float(np.mean([s.entropy() for s in stats]))
+    out["dead"] = int(sum(s.dead() for s in stats))
+    out["cold"] = int(sum(s.cold() for s in stats))
+    out["dropped"] = float(np.mean([s.dropped_fraction() for s in stats]))
+    return out
+
+
+def load_matrix(stats: Sequence[RoutingStats]) -> np.ndarray:
+    """Layers x experts load shares, NaN-padded when layers have different expert counts."""
+    width = max(s.num_experts for s in stats)
+    out = np.full((len(stats), width), np.nan)
+    for i, s in enumerate(stats):
+        out[i, : s.num_experts] = s.share
+    return out
+
+
+def plot_load(stats: Sequence[RoutingStats], layer_ids: Sequence[int], path, title: Optional[str] = None) -> Path:
+    """Save a layer x expert heat map of load share x E (1 = an even share) to ``path``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise MoEError("plotting needs matplotlib: pip install matplotlib (or pip install 'mlx-elm[plot]')") from e
+    from mlx_elm.atomic import atomic_file
+
+    m = load_matrix(stats) * np.array([[s.num_experts] for s in stats])
+    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.12 * m.shape[1] + 4), 1.2 + 0.5 * len(stats)))
+    im = ax.imshow(m, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0, float(np.nanmax(m))), interpolation="nearest")
+    ax.set_yticks(range(len(stats)), [f"block {i + 1}" for i in layer_ids])
+    ax.set_xlabel("expert")
+    ax.set_title(title or "expert load (share x number of experts; 1 = even)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    return path
