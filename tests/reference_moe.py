@@ -31,7 +31,7 @@ def router_logits(x: np.ndarray, w: Dict[str, np.ndarray]) -> np.ndarray:
         return x @ w["router.weight"].T
     wg = w["router.wg"]  # X-MoE: low-dimensional projection, cosine against unit expert embeddings
     wg = wg / np.maximum(np.linalg.norm(wg, axis=-1, keepdims=True), 1e-4)
-    return (x @ w["router.reduce.weight"].T) @ wg.T
+    return (x @ w["router.reduce_weight"].T) @ wg.T
 
 
 def sparse_moe(x: np.ndarray, w: Dict[str, np.ndarray], k: int, capacity_factor: float = 0.0,

@@ -49,7 +49,7 @@ XMOE_GAIN = 0.32  # orthogonal-init gain of the expert embeddings
 class XMoERouter(nn.Module):
     """X-MoE's low-dimensional router (Chi et al. 2022), as the MH-MoE code uses it.
 
-    ``logits = reduce(x) @ normalize(wg).T``: the input is projected to 16 dims but not normalised,
+    ``logits = (x @ reduce_weight.T) @ normalize(wg).T``: the input is projected to 16 dims but not normalised,
     so its norm acts as the temperature; the expert embeddings ``wg`` are unit rows in the forward.
     The official code also rescales the stored ``wg`` to norm 1.5 in place before each forward;
     the forward does not depend on that norm, only the optimizer's step size does, so training
@@ -58,14 +58,17 @@ class XMoERouter(nn.Module):
 
     def __init__(self, dims: int, num_experts: int, routing_dims: int = XMOE_DIM):
         super().__init__()
-        self.reduce = nn.Linear(dims, routing_dims, bias=False)
+        # plain arrays, not a child Linear: the router stays one leaf module (full precision, and
+        # counted by mlx-lm's parameter counter, which only visits leaves)
+        bound = 1 / math.sqrt(dims)
+        self.reduce_weight = mx.random.uniform(-bound, bound, (routing_dims, dims))
         self.wg = orthogonal((num_experts, routing_dims), XMOE_GAIN)
         self.renormalize()  # what the official code does before its first forward
 
     def __call__(self, x: mx.array) -> mx.array:
         wg = self.wg.astype(mx.float32)
         wg = wg / mx.maximum(mx.linalg.norm(wg, axis=-1, keepdims=True), 1e-4)
-        return self.reduce(x).astype(mx.float32) @ wg.T
+        return (x @ self.reduce_weight.T).astype(mx.float32) @ wg.T
 
     def renormalize(self) -> None:
         norm = mx.linalg.norm(self.wg, axis=-1, keepdims=True)
@@ -208,9 +211,7 @@ def run_experts(experts: SwitchGLU, x: mx.array, inds: mx.array, dispatch: str =
 
 
 def _num_experts(experts: SwitchGLU) -> int:
-    layer = experts.gate_proj
-    layer = getattr(layer, "linear", layer)  # LoRASwitchLinear wraps the base layer
-    return int(layer.weight.shape[0])
+    return int(experts.gate_proj.num_experts)  # Switch, QuantizedSwitch and LoRASwitch layers all have it
 
 
 # --- layers ----------------------------------------------------------------------------------

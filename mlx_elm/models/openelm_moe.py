@@ -220,7 +220,7 @@ def preset(name: str, **overrides: Any):
     experts, ffn = base.pop("experts"), base.pop("ffn")
     dim = base["model_dim"]
     if arm == "dense":
-        return openelm.ModelArgs(**dict(base, **overrides))
+        return openelm.ModelArgs(**{**base, **overrides})
     if arm == "smoe":
         moe = dict(moe_type="smoe", num_experts=experts, top_k=1, expert_ffn_dim=ffn)
     elif arm == "fine-grained":
@@ -232,7 +232,7 @@ def preset(name: str, **overrides: Any):
         moe = dict(moe_type="mhmoe", **v2_sizing(dim, experts, 1, ffn, heads))
     else:
         moe = dict(moe_type="mhmoe", **v1_sizing(dim, experts, 1, ffn, 4))
-    return ModelArgs(**dict(base, **moe, **overrides))
+    return ModelArgs(**{**base, **moe, **overrides})
 
 
 def _linear(i: int, o: int) -> int:
