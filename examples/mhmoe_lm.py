@@ -65,15 +65,15 @@ FAST_TEXT = (
 
 @dataclass
 class StudyConfig:
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 8
     context: int = 128
     learning_rate: float = 1e-3
-    warmup: int = 30
+    warmup: int = 20
     min_lr: float = 1e-4
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 300  # validation at the end only (it costs as much as ~40 steps)
+    eval_every: int = 200  # validation at the end only (64 batches cost about 20 training steps)
     val_batches: int = 64
     stats_batches: int = 16
     seeds: Tuple[int, ...] = (0, 1, 2)
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/mhmoe"), help="folder for results.json (default runs/mhmoe)")
     p.add_argument("--fast", action="store_true", help="seconds: built-in text, 2 blocks, 3 steps, one seed")
     p.add_argument("--corpus", type=Path, default=CORPUS, help=f"folder of *.rst.txt files (default {CORPUS})")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200)")
     p.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
     p.add_argument("--context", type=int, help="bytes per sequence (default 128)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")

@@ -133,9 +133,10 @@ def is_cpu_backend() -> bool:
 
 MOE_DISPATCH_ENV = "MLX_ELM_MOE_DISPATCH"
 MOE_DISPATCHES = ("gather", "blocked")
-# Below this many (token, expert) assignments the per-assignment gather is cheaper than padding
-# every expert's rows to a block (decode); measured by ``mlx-elm bench moe`` (docs/moe.md).
-MOE_BLOCKED_MIN_ASSIGNMENTS = 64
+# Blocked dispatch pads every expert to whole blocks of >= 8 rows, so it only pays off when there
+# are enough assignments per expert; below that (decode, short prompts) the per-assignment gather
+# is cheaper. Measured by ``mlx-elm bench moe`` (docs/moe.md).
+MOE_BLOCKED_MIN_ROWS_PER_EXPERT = 16
 
 
 def expert_dispatch(num_assignments: int, num_experts: int) -> str:
@@ -151,7 +152,7 @@ def expert_dispatch(num_assignments: int, num_experts: int) -> str:
     forced = os.environ.get(MOE_DISPATCH_ENV, "").strip().lower()
     if forced in MOE_DISPATCHES:
         return forced
-    if not is_cpu_backend() or num_assignments < MOE_BLOCKED_MIN_ASSIGNMENTS:
+    if not is_cpu_backend() or num_assignments < MOE_BLOCKED_MIN_ROWS_PER_EXPERT * num_experts:
         return "gather"
     return "blocked"
 

@@ -38,8 +38,9 @@ def generate(
 
 
 def register(app: typer.Typer) -> None:
-    from mlx_elm.cli import bench_kv, bench_lora
+    from mlx_elm.cli import bench_kv, bench_lora, bench_moe
 
     bench_app.command("kv")(bench_kv.kv)
     bench_app.command("lora")(bench_lora.lora)
+    bench_app.command("moe")(bench_moe.moe)
     app.add_typer(bench_app, name="bench")

@@ -29,6 +29,8 @@ from mlx_elm.cli import convert_cmd  # noqa: E402
 convert_cmd.register(app)
 from mlx_elm.cli import train_cmd  # noqa: E402
 train_cmd.register(app)
+from mlx_elm.cli import moe_cmd  # noqa: E402
+moe_cmd.register(app)
 # --- end of command registration ---------------------------------------------------------
 
 

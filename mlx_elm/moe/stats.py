@@ -108,3 +108,44 @@ def plot_load(stats: Sequence[RoutingStats], layer_ids: Sequence[int], path, tit
         fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
+
+
+def read_texts(source) -> List[str]:
+    """Texts to route: a folder's valid.jsonl (else train.jsonl), a .jsonl file of records with
+    'text' (or prompt/completion), or any plain-text file."""
+    from mlx_elm.train.data import read_jsonl
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for name in ("valid.jsonl", "train.jsonl"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise MoEError(f"{source} has no valid.jsonl or train.jsonl; pass a folder of JSONL data or a text file")
+    if not path.is_file():
+        raise MoEError(f"--data {source} does not exist; pass a text file, a .jsonl file or a data folder")
+    if path.suffix == ".jsonl":
+        records = read_jsonl(path)
+        return [r.get("text") or (r.get("prompt", "") + r.get("completion", "")) or
+                " ".join(m["content"] for m in r.get("messages", [])) for r in records]
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as e:
+        raise MoEError(f"{path} is not UTF-8 text; pass a text or JSONL file") from e
+
+
+def token_batches(tokenizer, texts: Sequence[str], seq_len: int, batch_size: int, max_batches: int) -> List[np.ndarray]:
+    """Windows of ``seq_len`` tokens from the concatenated texts, ``batch_size`` per batch."""
+    if seq_len < 1 or batch_size < 1 or max_batches < 1:
+        raise MoEError("--seq-len, --batch-size and --batches must be >= 1")
+    ids: List[int] = []
+    for t in texts:
+        ids.extend(tokenizer.encode(t))
+        if len(ids) >= seq_len * batch_size * max_batches:
+            break
+    n = len(ids) // seq_len
+    if n == 0:
+        raise MoEError(f"the text has {len(ids)} tokens, fewer than --seq-len {seq_len}; pass more text or lower it")
+    arr = np.array(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    return [arr[i: i + batch_size] for i in range(0, min(n, batch_size * max_batches), batch_size)]
