@@ -1,4 +1,5 @@
-"""``mlx-elm convert``: PyTorch OpenELM checkpoints (Hugging Face or corenet) to MLX folders."""
+"""``mlx-elm convert``: PyTorch OpenELM checkpoints (Hugging Face or corenet) and torchscale MH-MoE /
+SMoE decoders to MLX folders."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ def convert(
     max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, or commit)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    fmt: str = typer.Option("auto", "--format", help="auto | openelm | torchscale-moe (MH-MoE/SMoE decoders)."),
+    heads: Optional[int] = typer.Option(None, "--heads", help="torchscale-moe: attention heads (default d / 64)."),
+    top_k: int = typer.Option(1, "--top-k", help="torchscale-moe: experts per (sub-)token, >= 1 (released script: 1)."),
+    capacity_factor: float = typer.Option(0.0, "--capacity-factor", help="torchscale-moe: >= 0; 0 = dropless."),
+    rope: str = typer.Option("half", "--rope", help="torchscale-moe: rotary layout, half or interleaved."),
+    norm_eps: float = typer.Option(1e-5, "--norm-eps", help="torchscale-moe: RMSNorm epsilon."),
+    embed_scale: float = typer.Option(1.0, "--embed-scale", help="torchscale-moe: embedding scale (sqrt(d) if used)."),
+    rename: Optional[list[str]] = typer.Option(None, "--rename", help="torchscale-moe: OLD=NEW name rewrite (repeatable)."),
 ) -> None:
     """Convert an OpenELM PyTorch checkpoint into an MLX folder; no code from the file is executed."""
     from convert import convert as run
@@ -40,10 +49,18 @@ def convert(
                  quantize_embedding=quantize_embedding, tokenizer=tokenizer, keep_padding=keep_padding,
                  vocab_size=vocab_size, merge_lora=merge_lora, lora_scale=lora_scale, verify=verify, force=force,
                  force_float16=force_float16, max_shard_size=max_shard_size, revision=revision,
-                 progress=not quiet, command=command)
+                 progress=not quiet, command=command, format=fmt,
+                 moe_options=_moe_options(heads, top_k, capacity_factor, rope, norm_eps, embed_scale, rename))
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(report.summary())
+
+
+def _moe_options(heads, top_k, capacity_factor, rope, norm_eps, embed_scale, rename) -> dict:
+    from convert.torchscale_moe import parse_renames
+
+    return dict(heads=heads, top_k=top_k, capacity_factor=capacity_factor, rope=rope, norm_eps=norm_eps,
+                embed_scale=embed_scale, renames=parse_renames(rename))
 
 
 def register(app: typer.Typer) -> None:
