@@ -11,9 +11,10 @@ train / validation by file (every 20th file is validation). Arms, all on the ``t
     mhmoe-h2       h 2: 40 experts, top-2, d_ff 128        (v2 rule: equal FLOPs and parameters)
     mhmoe-h4       h 4: 168 experts, top-4, d_ff 64        (v2 rule)
     v1-h4          h 4: 8 experts, top-1, d_ff 1336        (v1 rule: equal parameters, ~4x expert FLOPs)
-    *-a0           the same with the balance loss off (the activation-ratio claim)
+    *-a0           the same with the balance loss off (the activation-ratio claim; seed 0 only)
 
-Every arm sees the same batches for a given seed (equal training tokens). The table (validation
+Every arm sees the same batches for a given seed (equal training tokens); runs go in the priority
+order of ``study_plan`` (all arms on seed 0, then the equal-FLOPs arms, then the rest). The table (validation
 perplexity per byte, mean and spread over seeds; expert activation) is written to
 ``OUT/results.json`` after every run, and finished runs are skipped when the command is repeated,
 so an interrupted study continues where it stopped.
@@ -77,7 +78,7 @@ class StudyConfig:
     val_batches: int = 64
     stats_batches: int = 16
     seeds: Tuple[int, ...] = (0, 1, 2)
-    arms: Tuple[str, ...] = MAIN_ARMS + WEAK_ARMS
+    arms: Tuple[str, ...] = MAIN_ARMS + ("smoe-a0", "v1-h4-a0")  # v1 keeps SMoE's 8 experts: the fair pair
     weak_seeds: Tuple[int, ...] = (0,)  # the balance-loss-off arms run on these seeds only
     overrides: Dict[str, object] = field(default_factory=dict)  # ModelArgs overrides (fast mode)
     compile: bool = True
@@ -158,6 +159,21 @@ def run_one(arm: str, seed: int, cfg: StudyConfig, data: Dataset, out_dir: Path)
         row["load_share"] = [s.share.tolist() for s in stats]
         row["train_balance_loss"] = [m.get("balance_loss") for m in result.metrics[-10:]]
     return row
+
+
+def study_plan(cfg: StudyConfig, fast: bool = False) -> List[Tuple[str, int]]:
+    """(arm, seed) runs in priority order, so a study cut short by time still answers the main
+    question: every arm on the first seed (with the balance-loss-off arms), then the arms of the
+    equal-FLOPs comparison (SMoE, fine-grained, MH-MoE) on the other seeds, then the context arms
+    (dense, v1) on those seeds."""
+    key = [a for a in ("smoe", "fine-grained", "mhmoe-h2", "mhmoe-h4") if a in cfg.arms]
+    context = [a for a in cfg.arms if a in MAIN_ARMS and a not in key]
+    first, rest = cfg.seeds[:1], cfg.seeds[1:]
+    plan = [(a, s) for s in first for a in cfg.arms if a not in WEAK_ARMS or s in cfg.weak_seeds or fast]
+    plan += [(a, s) for s in rest for a in key]
+    plan += [(a, s) for s in rest for a in context]
+    plan += [(a, s) for s in rest for a in cfg.arms if a in WEAK_ARMS and (s in cfg.weak_seeds or fast)]
+    return plan
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -275,9 +291,7 @@ def main(argv=None) -> int:
             runs = []
     print(f"corpus: {extra['corpus']}: {n_train} train / {n_valid} validation files, {len(train_bytes):,} / "
           f"{len(valid_bytes):,} bytes; {cfg.steps} steps x {cfg.batch_size} x {cfg.context} bytes per run", flush=True)
-    plan = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms
-            if arm not in WEAK_ARMS or seed in cfg.weak_seeds or a.fast]
-    for arm, seed in plan:  # seed-major, so a cut-short study still has every arm
+    for arm, seed in study_plan(cfg, a.fast):
         if any(r["arm"] == arm and r["seed"] == seed for r in runs):
             continue
         row = run_one(arm, seed, cfg, data, a.out / "scratch")
