@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 from mlx_elm.diffusion import ays as A
 from mlx_elm.diffusion import evaluate as E
-from mlx_elm.diffusion import schedules as S
 from mlx_elm.diffusion import toy
+from mlx_elm.diffusion import workflow as W
 from mlx_elm.diffusion.klub import KLUBConfig
 
 
@@ -60,22 +59,9 @@ def main() -> None:
     res = E.run(cfg, progress=print)
 
     # 4. report
-    table = E.markdown_table(res.rows)
-    checks = E.check_targets(res.rows, steps=10 if 10 in cfg.steps else cfg.steps[0])
-    (args.out / "table.md").write_text(table + "\n\n" + "\n".join(f"- {c}" for c in checks) + "\n")
-    print(table)
+    checks = W.write_report(res, cfg, args.out / "table.md", None if args.no_plots else args.out)
+    print(E.markdown_table(res.rows))
     print("\n".join(checks))
-    if not args.no_plots:
-        from mlx_elm.diffusion.plots import plot_samples, plot_schedules
-
-        for label, by_n in res.schedules.items():
-            safe = label.replace(":", "_")
-            for n, sig in by_n.items():
-                curves = {k: np.array(S.HAND_CRAFTED[k](n)) for k in ("karras", "time-uniform", "logsnr")}
-                curves["AYS (optimised)"] = np.array(sig)
-                plot_schedules(curves, args.out / f"schedules_{safe}_N{n}.png", title=f"{label}, {n} steps")
-                panels = {k.split("|", 2)[2]: v for k, v in res.samples.items() if k.startswith(f"{label}|{n}|")}
-                plot_samples(panels, args.out / f"samples_{safe}_N{n}.png", cols=len(cfg.solvers))
     print(f"done in {time.time() - t0:.0f}s, peak memory {mx.get_peak_memory() / 2**20:.0f} MB -> {args.out}")
 
 

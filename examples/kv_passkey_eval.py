@@ -27,7 +27,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 import mlx_elm
-from mlx_elm.kv import CompressingKVCache, expect_prompt, make_cache
+from mlx_elm import kv
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
@@ -71,30 +71,10 @@ def methods(budgets: List[int], window: int) -> Dict[str, dict]:
     return out
 
 
-def prefill(model, prompt: List[int], window: int, chunk: int):
-    """Full prefill that also collects the observation window's queries."""
-    caches = make_cache(model, "snapkv", capacity=10**9, window=window)
-    for c in caches:
-        c.auto_compress = False
-    expect_prompt(caches, len(prompt))
-    toks = mx.array(prompt)[None]
-    for s in range(0, len(prompt), chunk):
-        logits = model(toks[:, s: s + chunk], cache=caches)
-        mx.eval(logits, [c.state for c in caches])
-    return caches, logits[:, -1]
-
-
-def score(model, source, last_logits, answer: List[int], spec: dict):
-    """Log-prob rows (one per answer token) decoding from a compressed copy of ``source``."""
-    caches = make_cache(model, **spec) if spec["policy"] != "full" else make_cache(model, "full", bits=None)
-    for c, src in zip(caches, source):
-        if isinstance(c, CompressingKVCache):
-            c.load_prefill(src)
-            c.compress()
-        else:  # plain KVCache: share the prefill's rows
-            k, v = src._store.keys_and_values()
-            c.update_and_fetch(k, v)
-    rows = [last_logits]
+def score(model, pre: kv.Prefill, answer: List[int], spec: dict):
+    """Log-prob rows (one per answer token) decoding from ``pre`` under one policy."""
+    caches = pre.caches(model, **spec)
+    rows = [pre.logits]
     for t in answer[:-1]:
         rows.append(model(mx.array([[t]]), cache=caches)[:, -1])
     logits = mx.concatenate(rows).astype(mx.float32)
@@ -111,11 +91,11 @@ def evaluate(model, tok, lengths, depths, budgets, window=32, chunk=512, seed=0)
         key = str(rng.randint(10000, 99999))
         prompt, answer = build(tok, L, depth, key)
         bar.set_postfix(tokens=len(prompt))
-        source, last = prefill(model, prompt, window, chunk)
+        pre = kv.prefill(model, prompt, window, chunk)
         digits = mx.array(answer)
         ref = None
         for name, spec in specs.items():
-            lp = score(model, source, last, answer, spec)
+            lp = score(model, pre, answer, spec)
             if ref is None:
                 ref = lp
             # rows 1..len(key) predict the digits (row 0 predicts the space, from the prompt)

@@ -1,7 +1,29 @@
-"""mlx-elm: an on-device ML toolkit for Apple silicon, built on MLX."""
+"""mlx-elm: an on-device ML toolkit for Apple silicon, built on MLX.
 
-__version__ = "0.1.0"
+>>> import mlx_elm
+>>> model, tokenizer = mlx_elm.load()                       # the embedded SmolLM2-135M-Instruct
+>>> mlx_elm.generate(model, tokenizer, "Why is the sky blue?", max_tokens=64)
+"""
 
-from mlx_elm.loading import load, load_with_info  # noqa: E402
+__version__ = "0.2.0"
 
-__all__ = ["load", "load_with_info", "__version__"]
+__all__ = ["load", "load_with_info", "generate", "stream_generate", "__version__"]
+
+# The top-level functions are imported on first use: importing mlx-lm (and through it
+# transformers) takes seconds, which `mlx-elm --help` and `import mlx_elm.errors` should not pay.
+_LAZY = {"load": "mlx_elm.loading", "load_with_info": "mlx_elm.loading",
+         "generate": "mlx_elm.generation", "stream_generate": "mlx_elm.generation"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mlx_elm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

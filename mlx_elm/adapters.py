@@ -29,6 +29,7 @@ loads block-level adapters; an embedding adapter is listed under the extra key
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -115,10 +116,14 @@ class LoRAConfig:
         return self.alpha / self.rank
 
     def validate(self) -> "LoRAConfig":
-        if self.rank < 1:
-            raise TrainingError(f"--rank must be >= 1 (got {self.rank})")
-        if not 0.0 <= self.dropout < 1.0:
+        if not 1 <= self.rank <= 4096:
+            raise TrainingError(f"--rank must be in [1, 4096] (got {self.rank})")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise TrainingError(f"--alpha must be a finite number > 0 (got {self.alpha})")
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise TrainingError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.num_layers < -1:
+            raise TrainingError(f"--num-layers must be -1 (all) or a positive number (got {self.num_layers})")
         if not self.targets:
             raise TrainingError("--targets is empty; name modules such as qkv_proj,out_proj or all-linear")
         return self

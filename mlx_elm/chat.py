@@ -2,13 +2,23 @@
 
 Each turn renders the whole conversation, finds how much of it the cache already holds (common
 token prefix), trims the rest, and feeds only the new tokens, so a long chat costs one prefill.
+
+With a compressing KV policy (``kv_options``, e.g. SnapKV) the first turn's prompt — typically a
+long pasted document plus a question — is compressed once, when it is complete. Later turns append
+their tokens (and the replies) to the compressed cache; they are not compressed again. A cache can
+be rewound only within what was appended after compression: if a new turn differs from the cached
+conversation inside the compressed part (``/reset``, an edited history), the cache is rebuilt from
+the whole conversation with a fresh policy cache, and ``last_note`` says so.
 """
 
 from __future__ import annotations
 
 from typing import Iterator, List, Optional
 
-from mlx_elm.generate import GenerationStats, SamplingOptions, build_prompt, stream_tokens
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+from mlx_elm import kv
+from mlx_elm.generation import GenerationStats, SamplingOptions, build_prompt, context_length, stream_tokens
 
 
 def common_prefix_length(a: List[int], b: List[int]) -> int:
@@ -22,37 +32,43 @@ def common_prefix_length(a: List[int], b: List[int]) -> int:
 
 class ChatSession:
     def __init__(self, model, tokenizer, config: dict, options: SamplingOptions,
-                 system: Optional[str] = None, prompt_cache=None):
+                 system: Optional[str] = None, kv_options: Optional["kv.KVOptions"] = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.options, self.system = options, system
-        self._custom_cache = prompt_cache
+        self.kv_options = kv_options
         self.reset()
 
-    def reset(self) -> None:
-        from mlx_lm.models.cache import make_prompt_cache
+    def _new_cache(self) -> list:
+        if self.kv_options is None:
+            return make_prompt_cache(self.model)
+        return kv.make_cache(self.model, **vars(self.kv_options))
 
+    def reset(self) -> None:
         self.history: List[dict] = []
-        self.cache = self._custom_cache if self._custom_cache is not None else make_prompt_cache(self.model)
+        self.cache = self._new_cache()
         self.cached_tokens: List[int] = []
         self.last_stats = GenerationStats()
         self.last_reused = 0
+        self.last_note: Optional[str] = None
 
     def _rewind_to(self, keep: int) -> int:
-        """Drop cached tokens past ``keep``; returns how many are kept (0 if the cache can't trim)."""
-        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-
+        """Drop cached tokens past ``keep``; returns how many are kept (0 after a rebuild)."""
         extra = len(self.cached_tokens) - keep
         if extra > 0:
+            trimmed = 0
             if can_trim_prompt_cache(self.cache):
-                trim_prompt_cache(self.cache, extra)
-            else:
-                self.cache = make_prompt_cache(self.model)
+                trimmed = min(c.trim(extra) for c in self.cache)
+            if trimmed != extra:  # the point lies inside a compressed prompt: start over
+                self.cache = self._new_cache()
+                self.last_note = ("note: the conversation changed inside the compressed prompt; "
+                                  "the KV cache was rebuilt from the whole conversation")
                 keep = 0
         self.cached_tokens = self.cached_tokens[:keep]
         return keep
 
     def send(self, message: str) -> Iterator[str]:
         """Stream the reply to ``message`` and remember both in the history."""
+        self.last_note = None
         full = build_prompt(self.tokenizer, message, self.system, None, self.history)
         keep = min(common_prefix_length(self.cached_tokens, full), len(full) - 1)
         keep = self._rewind_to(keep)
@@ -60,7 +76,7 @@ class ChatSession:
         stats = GenerationStats()
         reply = []
         for text in stream_tokens(self.model, self.tokenizer, full[keep:], self.options,
-                                  self._config_for(len(full), keep), prompt_cache=self.cache, stats=stats):
+                                  self._config_for(keep), prompt_cache=self.cache, stats=stats):
             reply.append(text)
             yield text
         seen = full + stats.tokens
@@ -69,9 +85,10 @@ class ChatSession:
                          {"role": "assistant", "content": "".join(reply)}]
         self.last_stats = stats
 
-    def _config_for(self, total: int, keep: int) -> dict:
-        """Context checks must count the cached part of the conversation too."""
-        from mlx_elm.generate import context_length
+    def describe_cache(self) -> str:
+        return kv.describe(self.cache)
 
+    def _config_for(self, keep: int) -> dict:
+        """Context checks must count the cached part of the conversation too."""
         limit = context_length(self.config)
         return {} if limit is None else {"max_context_length": limit - keep}

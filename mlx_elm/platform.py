@@ -78,6 +78,38 @@ def maybe_reexec_with_fast_blas() -> None:
         return  # keep running with the slow BLAS rather than fail
 
 
+SLOW_BLAS_HINT = (
+    "note: MLX is using the slow reference BLAS bundled with its Linux wheel (prefill is ~25-40x slower); "
+    "install OpenBLAS and mlx-elm will use it: sudo apt-get install libopenblas0-pthread "
+    f"(silence with {OPT_OUT_ENV}=1)")
+_HINT_MARK = "slow-blas-hint-shown"
+
+
+def slow_blas_in_use() -> bool:
+    """True on Linux when MLX will run on the wheel's reference BLAS (no OpenBLAS preloaded)."""
+    if not wheel_links_reference_blas():
+        return False
+    blas = find_openblas()
+    return blas is None or not _preloaded(blas)
+
+
+def warn_if_slow_blas(stream=None) -> bool:
+    """Print :data:`SLOW_BLAS_HINT` once per cache home when the fast path is missing; returns
+    whether it printed. Opting out of the preload (``MLX_ELM_NO_BLAS_PRELOAD``) also silences it."""
+    if os.environ.get(OPT_OUT_ENV) or not slow_blas_in_use():
+        return False
+    mark = cache_home() / _HINT_MARK
+    if mark.exists():
+        return False
+    print(SLOW_BLAS_HINT, file=stream or sys.stderr)
+    try:
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text("shown\n")
+    except OSError:
+        pass  # an unwritable cache only means the hint shows again next time
+    return True
+
+
 def loaded_blas() -> str:
     """Which BLAS library this process has mapped (Linux), else the platform default."""
     if sys.platform == "darwin":
@@ -179,8 +211,7 @@ def doctor() -> DoctorReport:
         if find_openblas():
             advice.append(f"OpenBLAS is installed but not preloaded; unset {OPT_OUT_ENV}")
         else:
-            advice.append("install OpenBLAS for ~20-40x faster matmuls: "
-                          "sudo apt-get install libopenblas0-pthread")
+            advice.append(SLOW_BLAS_HINT.removeprefix("note: "))
     if backend == "cpu":
         advice.append("CPU backend: 16-bit and quantized matmuls are slow here; "
                       "mlx-elm uses float32 dense weights on CPU")

@@ -1,16 +1,19 @@
-"""Shared fixtures: everything is built on the fly, nothing is downloaded."""
+"""Shared fixtures: everything is built on the fly, nothing is downloaded.
+
+``cli`` runs ``mlx-elm`` in-process through its real entry point (``mlx_elm.cli.main.main``, so
+errors are formatted exactly as users see them) and returns the exit code, stdout and stderr.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-WORDS = (
-    "the sky is blue because of rayleigh scattering light sun air water capital france paris "
-    "city river mountain model language token apple small fast device memory cache window"
-).split()
 
 
 def pytest_configure(config):
@@ -40,3 +43,35 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     home = os.environ.get("MLX_ELM_TEST_HOME") or str(tmp_path_factory.getbasetemp() / "mlx-elm-home")
     monkeypatch.setenv("MLX_ELM_HOME", home)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``cli("generate", "hi", "--model", folder)`` → :class:`CliResult`."""
+    from mlx_elm.cli.main import main
+
+    def run(*args, input: str | None = None) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["mlx-elm", *map(str, args)])
+        if input is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(input))
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return run

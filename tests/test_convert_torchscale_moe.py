@@ -7,13 +7,11 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
 from convert import convert  # noqa: E402
 from convert.torchscale_reference import TorchscaleMoEReference  # noqa: E402
-from mlx_elm.cli.main import app  # noqa: E402
 from mlx_elm.errors import ConversionError  # noqa: E402
 from mlx_elm.loading import load_model  # noqa: E402
 
@@ -136,9 +134,11 @@ def test_unsupported_tensors_and_bad_names_are_refused(tmp_path):
     assert report.parameters > 0
 
 
-def test_convert_cli_with_verify(tmp_path):
+def test_convert_cli_with_verify(tmp_path, cli):
     src = save(torchscale_state_dict(), tmp_path / "m.pt")
-    res = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "out"), "--format", "torchscale-moe",
-                                   "--heads", str(HEADS), "--top-k", "2", "--dtype", "float32", "--verify", "--quiet"])
-    assert res.exit_code == 0, res.output
-    assert "verify max|Δlogit|" in res.output
+    res = cli("convert", src, tmp_path / "out", "--format", "torchscale-moe", "--heads", HEADS, "--top-k", 2,
+              "--dtype", "float32", "--verify", "--quiet")
+    assert res.code == 0, res.stderr
+    assert "verify max|Δlogit|" in res.stdout
+    bad = cli("convert", src, tmp_path / "out2", "--format", "torchscale-moe", "--rope", "sideways")
+    assert bad.code == 1 and len(bad.error_lines) == 1 and "--rope" in bad.stderr

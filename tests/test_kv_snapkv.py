@@ -13,7 +13,7 @@ from mlx_elm.kv import (
     compression_stats,
     expect_prompt,
     make_cache,
-    remove_query_taps,
+    query_taps,
     snapkv_select,
 )
 from test_kv_reference import (
@@ -55,11 +55,12 @@ def run(model, caches, tokens, chunk=48, declare=True, last_alone=True):
     if declare:
         expect_prompt(caches, n)
     body = tokens[:-1] if last_alone else tokens
-    for s in range(0, len(body), chunk):
-        out = model(body[None, s: s + chunk], cache=caches)
-        mx.eval(out)
-    if last_alone:
-        out = model(tokens[None, -1:], cache=caches)
+    with query_taps(model):
+        for s in range(0, len(body), chunk):
+            out = model(body[None, s: s + chunk], cache=caches)
+            mx.eval(out)
+        if last_alone:
+            out = model(tokens[None, -1:], cache=caches)
     outs = [out[:, -1]]
     for t in DECODE:
         outs.append(model(mx.array([[t]]), cache=caches)[:, -1])
@@ -174,7 +175,8 @@ def test_wrong_rope_position_is_detected(llama):
     tokens = prompt()
     caches = make_cache(llama, "snapkv", capacity=64, window=16)
     expect_prompt(caches, L_PROMPT)
-    llama(tokens[None], cache=caches)
+    with query_taps(llama):
+        llama(tokens[None], cache=caches)
     kept = [c.kept for c in caches]
     for c in caches:
         c.offset = c.size()  # the bug we guard against
@@ -256,14 +258,48 @@ def test_streaming_keeps_sinks_and_recent_and_matches_masked_full(llama):
     np.testing.assert_allclose(np.array(got), np.array(ref), atol=2e-4)
 
 
-def test_lazy_compression_without_declared_prompt(llama):
-    """Without expect_prompt the first single-token call (generate_step's last prompt token)
-    compresses: same result as declaring the prompt."""
-    tokens = prompt()
-    a = make_cache(llama, "snapkv", capacity=64, window=16)
-    b = make_cache(llama, "snapkv", capacity=64, window=16)
-    assert mx.array_equal(run(llama, a, tokens, declare=True), run(llama, b, tokens, declare=False)).item()
-    assert mx.array_equal(a[1].kept, b[1].kept).item()
+def test_undeclared_prompt_is_refused_not_guessed(llama):
+    """mlx-lm's loop feeds a 1-token chunk mid-prompt when the length is 2 more than a multiple of
+    the prefill step; a cache that guessed "1 token = end of prompt" compressed there, early. Now a
+    compressing cache refuses tokens until the prompt length is declared."""
+    caches = make_cache(llama, "snapkv", capacity=64, window=16)
+    with pytest.raises(KVCacheError, match="expect_prompt") as e:
+        run(llama, caches, prompt(), declare=False)
+    assert "\n" not in str(e.value)
+
+
+def test_prompt_of_2050_tokens_through_mlx_lm_stream_generate(llama, spm_model_path, tmp_path):
+    """2050 = 2048 + 2: generate_step sends 2048, then 1, then the last token alone. Compression
+    must happen after the whole prompt: the same kept rows and tokens as a manual prefill."""
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_elm.kv import wants_queries
+
+    tokens = prompt(2050, seed=5)
+    caches = make_cache(llama, "snapkv", capacity=64, window=16)
+    expect_prompt(caches, len(tokens))
+    assert wants_queries(caches)
+
+    from mlx_elm.tokenizers import install_tokenizer, load_tokenizer
+
+    install_tokenizer(spm_model_path, tmp_path)
+    tok = load_tokenizer(tmp_path)
+    tok._eos_token_ids = set()  # decode exactly 4 tokens whatever they are
+    with query_taps(llama):
+        out = [r.token for r in stream_generate(llama, tok, tokens, max_tokens=4, sampler=make_sampler(0.0),
+                                                prompt_cache=caches)]
+    ref = make_cache(llama, "snapkv", capacity=64, window=16)
+    expect_prompt(ref, len(tokens))
+    with query_taps(llama):
+        logits = llama(tokens[None], cache=ref)
+    greedy = [int(mx.argmax(logits[0, -1]).item())]
+    for _ in range(3):
+        greedy.append(int(mx.argmax(llama(mx.array([[greedy[-1]]]), cache=ref)[0, -1]).item()))
+    assert out == greedy
+    for a, b in zip(caches, ref):
+        assert mx.array_equal(a.kept, b.kept).item()
+        assert a.stats.rows_before == 2050
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -292,12 +328,15 @@ def test_trim_only_the_appended_suffix(llama):
     assert c.size() == 64 and c.offset == L_PROMPT
 
 
-def test_full_policy_is_plain_kvcache_and_taps_are_removable(llama):
+def test_full_policy_is_plain_kvcache_and_taps_are_explicit(llama, openelm):
     assert all(type(c) is KVCache for c in make_cache(llama, "full"))
     make_cache(llama, "snapkv", capacity=64, window=16)
-    assert type(llama.layers[0].self_attn).__name__.startswith("QueryTapped")
-    remove_query_taps(llama)
+    assert type(llama.layers[0].self_attn).__name__ == "Attention"  # building caches installs nothing
+    with query_taps(llama):
+        assert type(llama.layers[0].self_attn).__name__.startswith("QueryTapped")
     assert type(llama.layers[0].self_attn).__name__ == "Attention"
+    with query_taps(openelm):  # our attention hands queries over itself: no class swap
+        assert type(openelm.layers[0].attn).__name__ == "Attention"
     assert set(k for k, _ in llama.parameters()["model"]["layers"][0]["self_attn"].items()) >= {"q_proj"}
 
 
@@ -324,5 +363,5 @@ def test_unsupported_architecture_is_refused():
             super().__init__()
             self.layers = [nn.Linear(2, 2)]
 
-    with pytest.raises(KVCacheError, match="query tap"):
+    with pytest.raises(KVCacheError, match="attention queries"):
         make_cache(Odd(), "snapkv", capacity=64)

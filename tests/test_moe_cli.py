@@ -9,36 +9,38 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from mlx_elm.cli.main import app
 from mlx_elm.model_folder import write_model_folder
 from mlx_elm.models.openelm_moe import Model, preset
 from mlx_elm.moe.bench import bench_moe, ratios
 from mlx_elm.train.tiny import write_text_data
 
 
-def _run(*args):
-    res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, res.output
-    return res.output
+@pytest.fixture
+def run(cli):
+    def go(*args):
+        res = cli(*args)
+        assert res.code == 0, res.stderr
+        return res.stdout
+
+    return go
 
 
-def test_sizes_prints_the_v2_rule():
-    out = _run("moe", "sizes", "--base", "paper")
+def test_sizes_prints_the_v2_rule(run):
+    out = run("moe", "sizes", "--base", "paper")
     row = next(line for line in out.splitlines() if line.startswith("paper-mhmoe-h2"))
     assert row.split()[2:6] == ["2", "40", "2", "768"]
-    rows = json.loads(_run("moe", "sizes", "--base", "tiny", "--json"))
+    rows = json.loads(run("moe", "sizes", "--base", "tiny", "--json"))
     assert {r["preset"] for r in rows} >= {"tiny-smoe", "tiny-mhmoe-h2", "tiny-v1-h4"}
 
 
 @pytest.mark.slow
-def test_stats_table_plot_and_json(spm_model_path, tmp_path):
+def test_stats_table_plot_and_json(spm_model_path, tmp_path, run):
     mx.random.seed(0)
     model = Model(preset("tiny-mhmoe-h2", num_transformer_layers=4, vocab_size=320))
     folder = write_model_folder(tmp_path / "m", model, model.args.to_dict(), tokenizer=str(spm_model_path))
     data = write_text_data(tmp_path / "data", n_train=8, n_valid=8, words=40)
-    out = _run("moe", "stats", folder, "--data", data, "--seq-len", 32, "--batch-size", 2, "--batches", 2,
+    out = run("moe", "stats", folder, "--data", data, "--seq-len", 32, "--batch-size", 2, "--batches", 2,
                "--plot", tmp_path / "load.png", "--json", tmp_path / "s.json")
     assert (tmp_path / "load.png").stat().st_size > 1000
     doc = json.loads((tmp_path / "s.json").read_text())
@@ -48,25 +50,25 @@ def test_stats_table_plot_and_json(spm_model_path, tmp_path):
     assert "activation (paper basis" in out
 
 
-def test_stats_refuses_a_dense_model(spm_model_path, tmp_path):
+def test_stats_refuses_a_dense_model(spm_model_path, tmp_path, cli):
     from mlx_elm.models import openelm
 
     model = openelm.Model(preset("tiny-dense", num_transformer_layers=2, vocab_size=320))
     folder = write_model_folder(tmp_path / "d", model, model.args.to_dict(), tokenizer=str(spm_model_path))
     (tmp_path / "t.txt").write_text("the sky is blue " * 50)
-    res = CliRunner().invoke(app, ["moe", "stats", str(folder), "--data", str(tmp_path / "t.txt")])
-    assert res.exit_code != 0 and "no MoE layers" in str(res.exception) + res.output
+    res = cli("moe", "stats", folder, "--data", tmp_path / "t.txt")
+    assert res.code == 1 and len(res.error_lines) == 1 and "no MoE layers" in res.stderr
 
 
 @pytest.mark.slow
-def test_bench_rows_cover_layers_dispatches_tokens_and_modes():
+def test_bench_rows_cover_layers_dispatches_tokens_and_modes(run):
     rows = bench_moe(["dense", "smoe", "mhmoe-h2"], dims=32, experts=4, ffn=32, tokens=(1, 64), runs=1)
     keys = {(r.layer, r.dispatch, r.tokens, r.mode) for r in rows}
     assert len(rows) == len(keys) == 4 + 2 * 2 * 2 * 2
     assert all(r.ms > 0 and r.peak_memory_mb > 0 for r in rows)
     rel = ratios(rows)
     assert all(v == 1.0 for (layer, *_), v in rel.items() if layer == "smoe")
-    out = _run("bench", "moe", "--dim", 64, "--experts", 4, "--ffn", 64, "--tokens", "1,32", "--runs", 1,
+    out = run("bench", "moe", "--dim", 64, "--experts", 4, "--ffn", 64, "--tokens", 1, "--tokens", 32, "--runs", 1,
                "--layers", "smoe,mhmoe-h2", "--modes", "forward")
     assert "best dispatch, 32 tokens, forward: vs smoe mhmoe-h2" in out
 

@@ -10,11 +10,9 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 from mlx_lm.tuner.lora import LoRASwitchLinear
-from typer.testing import CliRunner
 
-from mlx_elm.adapters import LoRAConfig, apply_adapters, load_adapters, save_adapters, adapter_config_dict
-from mlx_elm.cli.main import app
-from mlx_elm.generate import SamplingOptions, generate_text
+from mlx_elm.adapters import LoRAConfig, apply_adapters, load_adapters
+from mlx_elm.generation import SamplingOptions, generate_text
 from mlx_elm.loading import load_with_info
 from mlx_elm.model_folder import count_parameters, write_model_folder
 from mlx_elm.models import openelm, openelm_moe
@@ -69,7 +67,7 @@ def test_moe_placement_every_kth_block_and_dense_elsewhere():
     assert [layer.attn.n_heads for layer in model.layers] == args.num_query_heads
 
 
-def test_folder_roundtrip_loads_and_generates(spm_model_path, tmp_path):
+def test_folder_roundtrip_loads_and_generates(spm_model_path, tmp_path, cli):
     model = tiny_moe()
     folder = write_model_folder(tmp_path / "m", model, model.args.to_dict(), tokenizer=str(spm_model_path))
     loaded, tok, info = load_with_info(str(folder))
@@ -79,8 +77,8 @@ def test_folder_roundtrip_loads_and_generates(spm_model_path, tmp_path):
     text = generate_text(loaded, tok, tok.encode("the sky"), SamplingOptions(max_tokens=6, temp=0.0),
                          info.config)
     assert isinstance(text, str)
-    res = CliRunner().invoke(app, ["generate", "the sky", "--model", str(folder), "--max-tokens", "5"])
-    assert res.exit_code == 0, res.output
+    res = cli("generate", "the sky", "--model", folder, "--max-tokens", 5)
+    assert res.code == 0, res.stderr
     # the plain protocol and the auxiliary one give the same logits
     logits, aux = loaded(x, return_aux=True)
     assert mx.array_equal(logits, loaded(x)).item() and len(aux) == 1
@@ -152,14 +150,13 @@ def test_quantized_folder_keeps_routers_dense_loads_and_generates(spm_model_path
     assert isinstance(text, str)
 
 
-def test_train_cli_pretrains_an_moe_preset_with_routing_metrics(spm_model_path, tmp_path):
+def test_train_cli_pretrains_an_moe_preset_with_routing_metrics(spm_model_path, tmp_path, cli):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"preset": "tiny-mhmoe-h2", "overrides": dict(SMALL, router="xmoe")}))
     data = write_text_data(tmp_path / "data", n_train=24, n_valid=4, words=16)
-    res = CliRunner().invoke(app, ["train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "o"),
-                                   "--tokenizer", str(spm_model_path), "--iters", "4", "--batch-size", "4",
-                                   "--max-seq-length", "32", "--steps-per-eval", "4", "--save-every", "2"])
-    assert res.exit_code == 0, res.output
+    res = cli("train", "--config", cfg, "--data", data, "--out", tmp_path / "o", "--tokenizer", spm_model_path,
+              "--iters", 4, "--batch-size", 4, "--max-seq-length", 32, "--steps-per-eval", 4, "--save-every", 2)
+    assert res.code == 0, res.stderr
     metrics = json.loads((tmp_path / "o" / "moe_metrics.json").read_text())
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["balance_loss"] > 0 and 0 < metrics[-1]["L1/entropy"] <= 1

@@ -131,10 +131,7 @@ def test_fused_model_gives_the_adapter_logits(tiny, dora):
     np.testing.assert_allclose(np.array(model(x)), np.array(with_adapter), atol=2e-4, rtol=1e-4)
 
 
-def test_fuse_cli_and_adapter_folder_roundtrip(tiny, tmp_path):
-    from typer.testing import CliRunner
-
-    from mlx_elm.cli.main import app
+def test_fuse_cli_and_adapter_folder_roundtrip(cli, tiny, tmp_path):
     from mlx_elm.adapters import adapter_config_dict, save_adapters
 
     model = _load(tiny[0])
@@ -147,41 +144,37 @@ def test_fuse_cli_and_adapter_folder_roundtrip(tiny, tmp_path):
     ref = model(x)
     again = load_adapters(_load(tiny[0]), tmp_path / "ad")
     assert mx.array_equal(again(x), ref).item()
-    res = CliRunner().invoke(app, ["fuse", str(tmp_path / "fused"), "--model", str(tiny[0]), "--adapter", str(tmp_path / "ad")])
-    assert res.exit_code == 0, res.output
+    res = cli("fuse", tmp_path / "fused", "--model", tiny[0], "--adapter", tmp_path / "ad")
+    assert res.code == 0, res.stderr
     fused = _load(tmp_path / "fused")
     np.testing.assert_allclose(np.array(fused(x)), np.array(ref), atol=2e-4, rtol=1e-4)
-    res = CliRunner().invoke(app, ["fuse", str(tmp_path / "fused8"), "--model", str(tiny[0]), "--adapter",
-                                   str(tmp_path / "ad"), "--quantize", "8", "--group-size", "32"])
-    assert res.exit_code == 0, res.output
+    res = cli("fuse", tmp_path / "fused8", "--model", tiny[0], "--adapter", tmp_path / "ad",
+              "--quantize", "8", "--group-size", "32")
+    assert res.code == 0, res.stderr
     q, _, _ = load_model(tmp_path / "fused8", "as-stored")
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in q.named_modules())
     np.testing.assert_allclose(np.array(q(x)), np.array(ref), atol=0.1)  # 8-bit error only
 
 
-def test_mlx_lm_loads_block_adapters_and_generate_uses_them(tiny, tmp_path):
+def test_mlx_lm_loads_block_adapters_and_generate_uses_them(cli, tiny, tmp_path):
     from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
-    from typer.testing import CliRunner
-
-    from mlx_elm.cli.main import app
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text((tiny[1] / "train.jsonl").read_text())
-    res = CliRunner().invoke(app, ["lora", "--model", str(tiny[0]), "--data", str(data), "--adapter-path",
-                                   str(tmp_path / "ad"), "--targets", "qkv_proj,out_proj,proj_1,proj_2",
-                                   "--iters", "3", "--learning-rate", "0.01", "--batch-size", "4", "--rank", "8"])
-    assert res.exit_code == 0, res.output
-    assert "adapters on 16 modules" in res.output
+    res = cli("lora", "--model", tiny[0], "--data", data, "--adapter-path", tmp_path / "ad",
+              "--targets", "qkv_proj,out_proj,proj_1,proj_2", "--iters", "3", "--learning-rate", "0.01",
+              "--batch-size", "4", "--rank", "8")
+    assert res.code == 0, res.stderr
+    assert "adapters on 16 modules" in res.stderr
     x = _tokens()
     ours = load_adapters(_load(tiny[0]), tmp_path / "ad")
     theirs = mlx_lm_load_adapters(_load(tiny[0]), str(tmp_path / "ad"))
     theirs.eval()
     assert mx.array_equal(ours(x), theirs(x)).item()
     assert mx.abs(ours(x) - _load(tiny[0])(x)).max().item() > 1e-4
-    res = CliRunner().invoke(app, ["generate", "the sky", "--model", str(tiny[0]), "--adapter", str(tmp_path / "ad"),
-                                   "-n", "4", "--no-chat-template"])
-    assert res.exit_code == 0, res.output
+    res = cli("generate", "the sky", "--model", tiny[0], "--adapter", tmp_path / "ad", "-n", "4", "--no-chat-template")
+    assert res.code == 0, res.stderr
 
 
 def test_qlora_trains_on_a_quantized_base(tiny, tmp_path):
@@ -212,3 +205,41 @@ def test_grad_checkpoint_gives_the_same_training(tiny, tmp_path):
                                        progress=False, grad_checkpoint=gc), log=lambda s: None)
         runs.append(r.losses)
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+
+
+def _torch_reference_logits(tiny_dir, adapted_model, tokens) -> np.ndarray:
+    """corenet's LoRA forward in the independent PyTorch reference: the embedding adapter changes
+    the looked-up inputs, the tied head reads the BASE embedding (convert/torch_reference.py)."""
+    from needs import needs
+
+    needs("torch")
+    from convert.torch_reference import TorchOpenELM
+
+    base = {k: np.array(v) for k, v in tree_flatten(_load(tiny_dir).parameters())}
+    lora = {}
+    for path, m in adapted_model.named_modules():
+        if hasattr(m, "lora_a"):  # mlx-lm layout (in, r) / (r, out) -> corenet layout (r, in) / (out, r)
+            lora[path] = {"a": np.array(m.lora_a).T, "b": np.array(m.lora_b).T}
+            scale = m.scale
+    return TorchOpenELM(base, head_dim=32, lora=lora, lora_scale=scale)(np.array(tokens))
+
+
+def test_openelm_embedding_lora_matches_corenet_and_fuse_unties(cli, tiny, tmp_path):
+    """`mlx-elm lora` on tied OpenELM follows corenet (the head keeps the base embedding), and the
+    fused folder computes the same logits with an untied lm_head, as the converter writes it."""
+    from mlx_elm.adapters import adapter_config_dict, save_adapters
+
+    model = _load(tiny[0])
+    cfg = default_lora_config("openelm")
+    plan = apply_adapters(model, cfg)
+    _randomize_adapters(model)
+    model.eval()
+    x = _tokens()
+    ours = np.array(model(x))
+    ref = _torch_reference_logits(tiny[0], model, x)
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+    save_adapters(model, tmp_path / "ad", adapter_config_dict(cfg, plan, str(tiny[0])))
+    assert cli("fuse", tmp_path / "fused", "--model", tiny[0], "--adapter", tmp_path / "ad").code == 0
+    fused, config, _ = load_model(tmp_path / "fused", "float32")
+    assert config["share_input_output_layers"] is False
+    np.testing.assert_allclose(np.array(fused(x)), ref, atol=2e-4, rtol=1e-4)

@@ -6,9 +6,7 @@ import json
 import shutil
 
 import mlx.core as mx
-from typer.testing import CliRunner
 
-from mlx_elm.cli.main import app
 from mlx_elm.train.tiny import write_text_data
 
 CONFIG = {"preset": "OpenELM-270M",
@@ -16,13 +14,12 @@ CONFIG = {"preset": "OpenELM-270M",
                         "ffn_dim_divisor": 16, "max_context_length": 128}}
 
 
-def _train(*args):
-    res = CliRunner().invoke(app, ["train", *map(str, args)])
-    assert res.exit_code == 0, res.output
-    return res.output
+def test_pretrain_from_scratch_learns_and_resumes_exactly(cli, spm_model_path, tmp_path):
+    def _train(*args):
+        res = cli("train", *args)
+        assert res.code == 0, res.stderr
+        return res.stdout + res.stderr
 
-
-def test_pretrain_from_scratch_learns_and_resumes_exactly(spm_model_path, tmp_path):
     from mlx_elm.loading import load_with_info
 
     cfg = tmp_path / "config.json"

@@ -17,7 +17,7 @@ def _messages(country, capital=None):
     return msgs
 
 
-def test_lora_teaches_smollm2_fictional_capitals(tmp_path):
+def test_lora_teaches_smollm2_fictional_capitals(cli, tmp_path):
     from mlx_elm.errors import ModelLoadError
     from mlx_elm.embedded import embedded_gguf_path
 
@@ -26,9 +26,7 @@ def test_lora_teaches_smollm2_fictional_capitals(tmp_path):
     except ModelLoadError as e:
         pytest.skip(str(e))
     from mlx_lm.generate import generate
-    from typer.testing import CliRunner
 
-    from mlx_elm.cli.main import app
     from mlx_elm.loading import load_with_info
 
     data = tmp_path / "data"
@@ -46,10 +44,9 @@ def test_lora_teaches_smollm2_fictional_capitals(tmp_path):
     before = answers(model)
     assert not any(cap in a for (_, cap), a in zip(FACTS, before)), before
 
-    res = CliRunner().invoke(app, [
-        "lora", "--data", str(data), "--adapter-path", str(tmp_path / "ad"), "--num-layers", "4", "--rank", "8",
-        "--batch-size", "2", "--iters", "8", "--learning-rate", "3e-3", "--steps-per-eval", "0"])
-    assert res.exit_code == 0, res.output
+    res = cli("lora", "--data", data, "--adapter-path", tmp_path / "ad", "--num-layers", "4", "--rank", "8",
+              "--batch-size", "2", "--iters", "8", "--learning-rate", "3e-3", "--steps-per-eval", "0")
+    assert res.code == 0, res.stderr
     trained, tok, _ = load_with_info(None, adapter_path=str(tmp_path / "ad"))  # the `generate --adapter` path
     after = answers(trained)
     for (_, cap), a in zip(FACTS, after):

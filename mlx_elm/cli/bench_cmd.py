@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+from pathlib import Path
+from typing import Annotated, List, Optional
 
 import typer
 
+from mlx_elm.cli import options as O
+
 bench_app = typer.Typer(help="Reproducible speed and memory benchmarks.", no_args_is_help=True)
+
+Runs = Annotated[int, typer.Option("--runs", min=1, max=1000, help="Timed runs (the median counts).")]
 
 
 @bench_app.command("generate")
 def generate(
-    model: Optional[str] = typer.Option(
-        None, "--model", "-m",
-        help="Model folder, Hub id, alias, or random:PRESET (e.g. random:OpenELM-270M).",
-    ),
-    prompt_tokens: int = typer.Option(512, "--prompt-tokens"),
-    gen_tokens: int = typer.Option(128, "--gen-tokens"),
-    runs: int = typer.Option(3, "--runs"),
-    vs: Optional[str] = typer.Option(None, "--vs", help="Peer to compare with: mlx-lm."),
-    dtype: str = typer.Option("float32", "--dtype", help="Weights dtype for random: models."),
-    representation: str = typer.Option("auto", "--weights", help="auto | as-stored | float32."),
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", callback=O._nonempty,
+        help="Model folder, Hub id, alias, or random:PRESET (e.g. random:OpenELM-270M).")] = None,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", min=1, max=1 << 20)] = 512,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", min=2, max=1 << 20)] = 128,
+    runs: Runs = 3,
+    vs: Annotated[Optional[str], typer.Option("--vs", help="Peer to compare with: mlx-lm.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype for random: models (float32, bfloat16, float16).")] = "float32",
+    representation: O.Weights = "auto",
 ) -> None:
     """Median prefill and decode tokens/s and peak memory (optionally against mlx-lm)."""
     from tqdm import tqdm
@@ -31,16 +36,94 @@ def generate(
     with tqdm(total=total, desc="bench runs", leave=False) as bar:
         results = bench_generate(model, prompt_tokens, gen_tokens, runs, vs, dtype, representation,
                                  progress=bar.update)
-    typer.echo(f"model {model or 'default'}, prompt {prompt_tokens}, generate {gen_tokens}, "
-               f"median of {runs} runs")
+    typer.echo(f"model {model or 'default'}, prompt {prompt_tokens}, generate {gen_tokens}, median of {runs} runs")
     for row in format_table(results):
         typer.echo(row)
 
 
-def register(app: typer.Typer) -> None:
-    from mlx_elm.cli import bench_kv, bench_lora, bench_moe
+@bench_app.command("kv")
+def kv(
+    lengths: Annotated[List[int], typer.Option("--length", "-l", min=2, max=1 << 20,
+                                               help="Prompt lengths (repeat the option).")] = [1024, 2048, 4096, 8192],
+    capacity: Annotated[int, typer.Option("--kv-capacity", min=2, max=1 << 20, help="SnapKV rows kept per head.")] = 1024,
+    window: O.KVWindow = 32,
+    bits: O.KVBits = None,
+    tokens: Annotated[int, typer.Option("--tokens", "-n", min=1, max=1 << 16, help="Timed decode steps per measurement.")] = 16,
+    chunk: Annotated[int, typer.Option("--chunk", min=1, max=1 << 20, help="Prefill chunk size.")] = 512,
+    preset_name: Annotated[str, typer.Option("--preset", help="OpenELM geometry (random weights).")] = "OpenELM-270M",
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Interleaved timing rounds (the best counts).")] = 3,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=O.SEED_MAX)] = 0,
+) -> None:
+    """Decode tokens/s and KV-cache bytes for full vs SnapKV, as ratios, per prompt length."""
+    from mlx_elm.kv import bench
 
-    bench_app.command("kv")(bench_kv.kv)
-    bench_app.command("lora")(bench_lora.lora)
-    bench_app.command("moe")(bench_moe.moe)
+    for line in bench.run_report(sorted(lengths), capacity, window, bits, tokens, chunk, preset_name, rounds, seed):
+        typer.echo(line)
+
+
+@bench_app.command("lora")
+def lora(
+    model: Annotated[str, typer.Option("--model", help="smollm2 | openelm-270m")] = "smollm2",
+    workdir: Annotated[Path, typer.Option("--workdir", help="Scratch folder for the models, data and adapters.")] = Path("/tmp/mlx-elm-bench-lora"),
+    iters: Annotated[int, typer.Option("--iters", min=1, max=100000)] = 5,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096)] = 2,
+    rank: Annotated[int, typer.Option("--rank", min=1, max=4096)] = 8,
+    max_seq_length: Annotated[int, typer.Option("--max-seq-length", min=2, max=1 << 20)] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, max=100)] = 1,
+) -> None:
+    """Tokens/s and peak memory of `mlx-elm lora` vs `mlx_lm.lora` (ratio > 1: ours is faster)."""
+    from mlx_elm.train.bench import compare
+
+    typer.echo(json.dumps(compare(model, workdir, iters, batch_size, rank, max_seq_length, repeats), indent=2))
+
+
+MOE_LAYERS = "dense,smoe,fine-grained,mhmoe-h2,mhmoe-h3"
+
+
+@bench_app.command("moe")
+def moe(
+    dim: Annotated[int, typer.Option("--dim", min=8, max=1 << 16, help="Model width d (the papers: 768).")] = 768,
+    experts: Annotated[int, typer.Option("--experts", min=1, max=4096,
+                                         help="SMoE experts; the other layers are sized from it by the v2 rule.")] = 8,
+    ffn: Annotated[int, typer.Option("--ffn", min=8, max=1 << 18, help="SMoE expert (and dense FFN) SwiGLU width.")] = 2048,
+    layers: Annotated[str, typer.Option("--layers", help="Comma-separated: dense, smoe, fine-grained, mhmoe-h2, "
+                                                          "mhmoe-h3, mhmoe-h4.")] = MOE_LAYERS,
+    tokens: Annotated[List[int], typer.Option("--tokens", "-t", min=1, max=1 << 20,
+                                              help="Tokens per call (repeat; 1 = decode, 2048 = prefill).")] = [1, 2048],
+    modes: Annotated[str, typer.Option("--modes", help="forward and/or forward+backward, comma-separated.")] = "forward,forward+backward",
+    dispatch: Annotated[str, typer.Option("--dispatch", help="Expert dispatches to time: gather, blocked.")] = "gather,blocked",
+    runs: Runs = 3,
+    out_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
+) -> None:
+    """One MoE layer: tokens/s and peak memory of SMoE vs MH-MoE vs a dense FFN of equal FLOPs, per dispatch."""
+    import time
+
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    from mlx_elm.atomic import atomic_file
+    from mlx_elm.moe.bench import auto_choice, bench_moe, best_ratios, describe_backend, format_table
+
+    names = [s.strip() for s in layers.split(",") if s.strip()]
+    mode_list = [s.strip() for s in modes.split(",") if s.strip()]
+    disp = [s.strip() for s in dispatch.split(",") if s.strip()]
+    total = sum((1 if n == "dense" else len(disp)) * len(tokens) * len(mode_list) for n in names)
+    tic = time.perf_counter()
+    with tqdm(total=total, desc="bench moe", leave=False) as bar:
+        rows = bench_moe(names, dim, experts, ffn, tokens, mode_list, disp, runs, progress=bar.update)
+    typer.echo(f"one layer, d {dim}, SMoE {experts} x SwiGLU {ffn} top-1, v2-sized peers; {describe_backend()}; "
+               f"median of {runs}")
+    for line in format_table(rows):
+        typer.echo(line)
+    for line in best_ratios(rows):
+        typer.echo(line)
+    if out_json is not None:
+        with atomic_file(out_json) as tmp:
+            Path(tmp).write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+    auto = auto_choice(max(tokens), experts, 1)
+    typer.echo(f"{len(rows)} rows in {time.perf_counter() - tic:.0f}s, peak memory {mx.get_peak_memory() / 2**20:.0f} MB; "
+               f"auto dispatch here at {max(tokens)} tokens: {auto}" + (f"; json {out_json}" if out_json else ""))
+
+
+def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

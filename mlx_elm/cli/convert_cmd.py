@@ -6,40 +6,55 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, List, Optional
 
 import typer
 
+from mlx_elm.cli import options as O
+
 
 def convert(
-    source: str = typer.Argument(..., help="Hub repo id (apple/OpenELM-270M), local HF folder, or corenet .pt file."),
-    out_dir: Path = typer.Argument(..., help="Output folder (must not exist unless --force)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Size preset (270M, 450M, 1_1B, 3B); default: inferred from shapes."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | bfloat16 | float16."),
-    quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the projection matrices."),
-    bits: int = typer.Option(4, "--bits", help="Quantization bits: 4 or 8."),
-    group_size: int = typer.Option(64, "--group-size", help="Quantization group size: 32, 64 or 128."),
-    quantize_embedding: bool = typer.Option(True, "--quantize-embedding/--no-quantize-embedding",
-                                            help="With --quantize, also quantize the tied embedding (and head)."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="SentencePiece .model, tokenizer folder, or Hub repo id to include."),
-    keep_padding: bool = typer.Option(False, "--keep-padding", help="Keep corenet's padded vocabulary rows (32128)."),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="Rows of the embedding to keep (default: 32000 for 32128-row corenet files)."),
-    merge_lora: bool = typer.Option(True, "--merge-lora/--no-merge-lora", help="Merge a LoRA checkpoint, or export adapters/ for mlx-lm."),
-    lora_scale: float = typer.Option(1.0, "--lora-scale", help="LoRA alpha / rank (not stored in corenet files; its recipe gives 1.0)."),
-    verify: bool = typer.Option(False, "--verify", help="Compare logits with a PyTorch reference of the source (needs torch)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
-    force_float16: bool = typer.Option(False, "--force-float16", help="Allow float16 for the 3B model (its activations overflow)."),
-    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag, or commit)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    fmt: str = typer.Option("auto", "--format", help="auto | openelm | torchscale-moe (MH-MoE/SMoE decoders)."),
-    heads: Optional[int] = typer.Option(None, "--heads", help="torchscale-moe: attention heads (default d / 64)."),
-    top_k: int = typer.Option(1, "--top-k", help="torchscale-moe: experts per (sub-)token, >= 1 (released script: 1)."),
-    capacity_factor: float = typer.Option(0.0, "--capacity-factor", help="torchscale-moe: >= 0; 0 = dropless."),
-    rope: str = typer.Option("half", "--rope", help="torchscale-moe: rotary layout, half or interleaved."),
-    norm_eps: float = typer.Option(1e-5, "--norm-eps", help="torchscale-moe: RMSNorm epsilon."),
-    embed_scale: float = typer.Option(1.0, "--embed-scale", help="torchscale-moe: embedding scale (sqrt(d) if used)."),
-    rename: Optional[list[str]] = typer.Option(None, "--rename", help="torchscale-moe: OLD=NEW name rewrite (repeatable)."),
+    source: Annotated[str, typer.Argument(help="Hub repo id (apple/OpenELM-270M), local HF folder, or corenet .pt file.")],
+    out_dir: Annotated[Path, typer.Argument(help="Output folder (must not exist unless --force).")],
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Size preset (270M, 450M, 1_1B, 3B); default: inferred from shapes.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16.")] = "bfloat16",
+    quantize: Annotated[bool, typer.Option("--quantize", "-q", help="Quantize the projection matrices.")] = False,
+    bits: Annotated[int, typer.Option("--bits", callback=O._bits, help="Quantization bits: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", min=32, max=128, help="Quantization group size: 32, 64 or 128.")] = 64,
+    quantize_embedding: Annotated[bool, typer.Option(
+        "--quantize-embedding/--no-quantize-embedding",
+        help="With --quantize, also quantize the tied embedding (and head).")] = True,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        "--tokenizer", help="SentencePiece .model, tokenizer folder, or Hub repo id to include.")] = None,
+    keep_padding: Annotated[bool, typer.Option("--keep-padding", help="Keep corenet's padded vocabulary rows (32128).")] = False,
+    vocab_size: Annotated[Optional[int], typer.Option(
+        "--vocab-size", min=1, max=1 << 24,
+        help="Rows of the embedding to keep (default: 32000 for 32128-row corenet files).")] = None,
+    merge_lora: Annotated[bool, typer.Option(
+        "--merge-lora/--no-merge-lora", help="Merge a LoRA checkpoint, or export adapters/ for mlx-lm.")] = True,
+    lora_scale: Annotated[float, typer.Option(
+        "--lora-scale", min=0.0, max=1e6, callback=O._finite,
+        help="LoRA alpha / rank (not stored in corenet files; its recipe gives 1.0).")] = 1.0,
+    verify: Annotated[bool, typer.Option("--verify", help="Compare logits with a PyTorch reference of the source (needs torch).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
+    force_float16: Annotated[bool, typer.Option("--force-float16", help="Allow float16 for the 3B model (its activations overflow).")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard (e.g. 2GB, 500MB).")] = "2GB",
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag, or commit).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="auto | openelm | torchscale-moe (MH-MoE / SMoE decoders).")] = "auto",
+    heads: Annotated[Optional[int], typer.Option(
+        "--heads", min=1, max=4096, help="torchscale-moe: attention heads (default d / 64).")] = None,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", min=1, max=4096, help="torchscale-moe: experts per (sub-)token (released script: 1).")] = 1,
+    capacity_factor: Annotated[float, typer.Option(
+        "--capacity-factor", min=0.0, max=1e3, callback=O._finite, help="torchscale-moe: 0 = dropless.")] = 0.0,
+    rope: Annotated[str, typer.Option("--rope", help="torchscale-moe: rotary layout, half | interleaved.")] = "half",
+    norm_eps: Annotated[float, typer.Option(
+        "--norm-eps", callback=O._positive, help="torchscale-moe: RMSNorm epsilon (> 0).")] = 1e-5,
+    embed_scale: Annotated[float, typer.Option(
+        "--embed-scale", callback=O._positive, help="torchscale-moe: embedding scale, > 0 (sqrt(d) if used).")] = 1.0,
+    rename: Annotated[Optional[List[str]], typer.Option(
+        "--rename", help="torchscale-moe: OLD=NEW rewrite of tensor names (repeatable).")] = None,
 ) -> None:
     """Convert an OpenELM PyTorch checkpoint into an MLX folder; no code from the file is executed."""
     from convert import convert as run

@@ -3,64 +3,62 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
+from mlx_elm.cli import options as O
 from mlx_elm.errors import GenerationError
-
-MODEL_HELP = "Model folder, Hub repo id, or alias (default: the embedded SmolLM2-135M-Instruct)."
-TOKENIZER_HELP = "Tokenizer: SentencePiece .model file, folder, or Hub repo id (OpenELM ships none)."
 
 
 def _echo_err(text: str) -> None:
     typer.echo(text, err=True)
 
 
-def _options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed):
-    from mlx_elm.generate import SamplingOptions
+def _sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed):
+    from mlx_elm.generation import SamplingOptions
 
     return SamplingOptions(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed).validate()
 
 
+def _kv(policy, capacity, window, kernel, pool, bits, per_query_head):
+    from mlx_elm.kv import KVOptions
+
+    return KVOptions(policy=policy, capacity=capacity, window=window, kernel=kernel, pool=pool, bits=bits,
+                     per_query_head=per_query_head).validate()
+
+
 def generate(
-    prompt: Optional[str] = typer.Argument(None, help="The prompt (read from stdin when omitted)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder to apply."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Maximum new tokens."),
-    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass in (0, 1]."),
-    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 1 discourages repeats."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    chat_template: Optional[bool] = typer.Option(
-        None, "--chat-template/--no-chat-template", help="Wrap the prompt in the chat template (default: when the tokenizer has one)."
-    ),
-    representation: str = typer.Option("auto", "--weights", help="auto | as-stored | float32 (auto: float32 on CPU)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print what was loaded and how."),
-    kv_policy: str = typer.Option("full", "--kv-policy", help="KV cache policy: full | snapkv | streaming."),
-    kv_capacity: Optional[int] = typer.Option(
-        None, "--kv-capacity", help="Prompt rows kept per head, window included (snapkv, streaming)."),
-    kv_window: int = typer.Option(32, "--kv-window", help="SnapKV observation window (last prompt tokens)."),
-    kv_kernel: int = typer.Option(7, "--kv-kernel", help="SnapKV pooling kernel (odd; 1 = no pooling)."),
-    kv_pool: str = typer.Option("max", "--kv-pool", help="SnapKV pooling: max | avg."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache after the prompt: 4 | 8."),
-    kv_per_query_head: bool = typer.Option(
-        False, "--kv-per-query-head", help="SnapKV: select per query head (original code; no GQA saving)."),
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (read from stdin when omitted).")] = None,
+    model: O.Model = None,
+    tokenizer: O.Tokenizer = None,
+    adapter: O.Adapter = None,
+    max_tokens: O.MaxTokens = 256,
+    temp: O.Temp = 0.0,
+    top_p: O.TopP = 1.0,
+    top_k: O.TopK = 0,
+    min_p: O.MinP = 0.0,
+    repetition_penalty: O.RepetitionPenalty = 1.0,
+    seed: O.Seed = None,
+    system: O.System = None,
+    chat_template: O.ChatTemplate = None,
+    representation: O.Weights = "auto",
+    verbose: O.Verbose = False,
+    kv_policy: O.KVPolicy = "full",
+    kv_capacity: O.KVCapacity = None,
+    kv_window: O.KVWindow = 32,
+    kv_kernel: O.KVKernel = 7,
+    kv_pool: O.KVPool = "max",
+    kv_bits: O.KVBits = None,
+    kv_per_query_head: O.KVPerQueryHead = False,
 ) -> None:
-    """Generate text from a prompt, streaming it to stdout."""
-    from mlx_elm.generate import GenerationStats, build_prompt, stream_tokens
+    """Generate text from a prompt, streaming it to stdout (speed and memory on stderr)."""
+    from mlx_elm import kv
+    from mlx_elm.generation import GenerationStats, build_prompt, stream_tokens
     from mlx_elm.loading import load_with_info
 
-    from mlx_elm import kv
-
-    options = _options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
-    kv_args = dict(policy=kv_policy, capacity=kv_capacity, window=kv_window, kernel=kv_kernel,
-                   pool=kv_pool, bits=kv_bits)
-    kv.validate(**kv_args)
+    options = _sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
+    kv_options = _kv(kv_policy, kv_capacity, kv_window, kv_kernel, kv_pool, kv_bits, kv_per_query_head)
     if prompt is None:
         if sys.stdin.isatty():
             raise GenerationError("no prompt given; pass it as an argument or on stdin")
@@ -70,7 +68,7 @@ def generate(
         _echo_err(info.describe())
     tokens = build_prompt(tok, prompt, system, chat_template)
     stats = GenerationStats()
-    caches = kv.make_cache(model_obj, per_query_head=kv_per_query_head, **kv_args)
+    caches = kv.make_cache(model_obj, **vars(kv_options))
     for text in stream_tokens(model_obj, tok, tokens, options, info.config, prompt_cache=caches, stats=stats):
         typer.echo(text, nl=False)
         sys.stdout.flush()
@@ -81,28 +79,41 @@ def generate(
 
 
 def chat(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="LoRA adapter folder to apply."),
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Maximum new tokens per turn."),
-    temp: float = typer.Option(0.0, "--temp"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k"),
-    min_p: float = typer.Option(0.0, "--min-p"),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    model: O.Model = None,
+    tokenizer: O.Tokenizer = None,
+    adapter: O.Adapter = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, max=O.BIG, help="Maximum new tokens per turn.")] = 512,
+    temp: O.Temp = 0.0,
+    top_p: O.TopP = 1.0,
+    top_k: O.TopK = 0,
+    min_p: O.MinP = 0.0,
+    repetition_penalty: O.RepetitionPenalty = 1.0,
+    seed: O.Seed = None,
+    system: O.System = None,
+    representation: O.Weights = "auto",
+    verbose: O.Verbose = False,
+    kv_policy: O.KVPolicy = "full",
+    kv_capacity: O.KVCapacity = None,
+    kv_window: O.KVWindow = 32,
+    kv_kernel: O.KVKernel = 7,
+    kv_pool: O.KVPool = "max",
+    kv_bits: O.KVBits = None,
+    kv_per_query_head: O.KVPerQueryHead = False,
 ) -> None:
-    """Multi-turn chat that keeps the KV cache between turns (/reset clears it, /exit quits)."""
+    """Multi-turn chat that keeps the KV cache between turns (/reset clears it, /exit quits).
+
+    With --kv-policy snapkv the first turn's prompt (e.g. a pasted document) is compressed once;
+    later turns append to the compressed cache.
+    """
     from mlx_elm.chat import ChatSession
     from mlx_elm.loading import load_with_info
 
-    options = _options(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
-    model_obj, tok, info = load_with_info(model, tokenizer, adapter_path=adapter)
+    options = _sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
+    kv_options = _kv(kv_policy, kv_capacity, kv_window, kv_kernel, kv_pool, kv_bits, kv_per_query_head)
+    model_obj, tok, info = load_with_info(model, tokenizer, representation=representation, adapter_path=adapter)
     if verbose:
         _echo_err(info.describe())
-    session = ChatSession(model_obj, tok, info.config, options, system=system)
+    session = ChatSession(model_obj, tok, info.config, options, system=system, kv_options=kv_options)
     _echo_err("Type a message; /reset starts over, /exit (or Ctrl-D) quits.")
     while True:
         try:
@@ -120,8 +131,11 @@ def chat(
             typer.echo(text, nl=False)
             sys.stdout.flush()
         typer.echo("")
+        if session.last_note:
+            _echo_err(session.last_note)
         if verbose:
             _echo_err(session.last_stats.summary() + f" | reused {session.last_reused} cached tokens")
+            _echo_err(session.describe_cache())
 
 
 def doctor() -> None:

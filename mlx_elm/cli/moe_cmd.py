@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
+
+from mlx_elm.cli import options as O
 
 moe_app = typer.Typer(help="Mixture-of-experts models: sizing rules, routing statistics, expert-load plots.",
                       no_args_is_help=True)
@@ -14,8 +16,8 @@ moe_app = typer.Typer(help="Mixture-of-experts models: sizing rules, routing sta
 
 @moe_app.command("sizes")
 def sizes(
-    base: str = typer.Option("paper", "--base", help="Backbone: paper (d 768, 12 blocks) or tiny (d 128, 4 blocks)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    base: Annotated[str, typer.Option("--base", help="Backbone: paper (d 768, 12 blocks) or tiny (d 128, 4 blocks).")] = "paper",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """The v1 / v2 sizing rules: each preset's experts, top-k, width, parameters and FLOPs per token."""
     from mlx_elm.errors import MoEError
@@ -40,14 +42,15 @@ def sizes(
 
 @moe_app.command("stats")
 def stats(
-    model: str = typer.Argument(..., help="An MoE model folder (e.g. from `mlx-elm train` with an OpenELM-MoE config)."),
-    data: Path = typer.Option(..., "--data", help="Text file, .jsonl file, or data folder (valid.jsonl or train.jsonl)."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer, if the folder has none."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence (>= 1)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass (>= 1)."),
-    batches: int = typer.Option(16, "--batches", help="Forward passes at most (>= 1)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Save the layer x expert load heat map here (PNG/SVG/PDF)."),
-    out_json: Optional[Path] = typer.Option(None, "--json", help="Write per-layer statistics and load shares here."),
+    model: Annotated[str, typer.Argument(help="An MoE model folder (e.g. from `mlx-elm train` with an OpenELM-MoE config).")],
+    data: Annotated[Path, typer.Option("--data", help="Text file, .jsonl file, or data folder (valid.jsonl or train.jsonl).")],
+    tokenizer: O.Tokenizer = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, max=1 << 20, help="Tokens per sequence.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Sequences per forward pass.")] = 4,
+    batches: Annotated[int, typer.Option("--batches", min=1, max=1 << 20, help="Forward passes at most.")] = 16,
+    plot: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Save the layer x expert load heat map here (.png, .svg or .pdf).")] = None,
+    out_json: Annotated[Optional[Path], typer.Option("--json", help="Write per-layer statistics and load shares here.")] = None,
 ) -> None:
     """Expert load, activation ratios, entropy and dead experts per MoE layer on some text."""
     import time
@@ -58,10 +61,11 @@ def stats(
     from mlx_elm.atomic import atomic_file
     from mlx_elm.loading import load
     from mlx_elm.moe.stats import (
-        model_summary, moe_layers, plot_load, read_texts, routing_stats, summary_table, token_batches,
+        empty_stats, model_summary, moe_layers, plot_load, read_texts, routing_stats, summary_table, token_batches,
     )
 
     m, tok = load(model, tokenizer=tokenizer)
+    empty_stats(m)  # fails in one line for a model without MoE layers, before any work
     texts = read_texts(data)
     chunks = token_batches(tok, texts, seq_len, batch_size, batches)
     ids = [i for i, _ in moe_layers(m)]

@@ -61,9 +61,14 @@ PUBLISHED_AYS: dict[str, PublishedSchedule] = {
 }
 
 
+MAX_STEPS = 10_000  # more is a typo (and would allocate without bound), not a schedule
+
+
 def _check(n: int, sigma_min: float, sigma_max: float) -> None:
-    if n < 1:
-        raise DiffusionError(f"steps must be >= 1, got {n}; pass a positive step count")
+    if not 1 <= n <= MAX_STEPS:
+        raise DiffusionError(f"steps must be in [1, {MAX_STEPS}], got {n}; pass a sensible step count")
+    if not (math.isfinite(sigma_min) and math.isfinite(sigma_max)):
+        raise DiffusionError(f"sigma_min and sigma_max must be finite, got {sigma_min}, {sigma_max}; fix the noise range")
     if not 0 < sigma_min < sigma_max:
         raise DiffusionError(
             f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}; fix the noise range"

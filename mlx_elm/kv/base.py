@@ -8,7 +8,14 @@ are built from it, and it is what attention sees).
 
 Compression happens once, inside the ``update_and_fetch`` call that completes the prompt: that
 call still returns the full keys/values (the prompt's own attention is exact, as in the paper),
-and later calls see only the kept rows plus what decoding appends.
+and later calls see only the kept rows plus what decoding appends. Which call completes the prompt
+is never guessed from chunk sizes (mlx-lm's loop sends a 1-token chunk mid-prompt for some
+lengths): the caller declares the prompt length with :meth:`expect_prompt` first
+(``mlx_elm.generate`` does), or compresses by hand with ``auto_compress = False`` + :meth:`compress`.
+
+Attention-guided policies also read queries: a cache with ``wants_queries`` set receives the
+post-RoPE queries of each chunk through :meth:`observe_queries` before ``update_and_fetch``, from
+the model's attention itself (OpenELM) or from a query tap (``mlx_elm.kv.taps``, mlx-lm models).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ def used_nbytes(store) -> int:
 class CompressingKVCache(_BaseCache):
     """Base class: full storage while the prompt streams in, ``select`` once it is complete."""
 
-    needs_queries = False
+    policy = "full"  # the name in mlx_elm.kv.registry.POLICIES
 
     def __init__(self, capacity: Optional[int], window: int = 0, bits: Optional[int] = None,
                  group_size: int = 64):
@@ -121,11 +128,20 @@ class CompressingKVCache(_BaseCache):
     def _prompt_complete(self, n: int) -> bool:
         if not self.auto_compress:
             return False
-        if self.prompt_end is not None:
-            return self.offset >= self.prompt_end
-        # Fallback without ``expect_prompt``: mlx-lm's generate_step feeds the last prompt
-        # token alone, so the first single-token call ends the prompt.
-        return n == 1
+        if self.prompt_end is None:
+            raise KVCacheError(
+                f"a {self.policy} cache got tokens before the prompt length was declared; call "
+                "mlx_elm.kv.expect_prompt(caches, len(prompt)) first (mlx_elm.generate does it for you)")
+        return self.offset >= self.prompt_end
+
+    # --- attention queries (attention-guided policies override) -----------------------------
+    @property
+    def wants_queries(self) -> bool:
+        """True while this cache still needs the queries of incoming tokens."""
+        return False
+
+    def observe_queries(self, queries: mx.array, scale: float, start: Optional[int] = None) -> None:
+        """Post-RoPE queries (B, Hq, n, d) of positions ``start..`` (default: ``offset``)."""
 
     # --- compression ------------------------------------------------------------------------
     def select(self, keys: mx.array) -> Optional[mx.array]:
@@ -175,23 +191,21 @@ class CompressingKVCache(_BaseCache):
         self.stats = CompressionStats(before_rows, self._store.offset, before_bytes,
                                       used_nbytes(self._store))
 
-    def load_prefill(self, other: "CompressingKVCache") -> "CompressingKVCache":
-        """Start from another (uncompressed) cache's prefill: one prefill, many policies."""
-        if other.compressed:
-            raise ValueError("load_prefill needs an uncompressed source cache")
-        keys, values = other._store.keys_and_values()
+    def load_prefill(self, keys: mx.array, values: mx.array, offset: int) -> "CompressingKVCache":
+        """Start from an uncompressed prefill's keys/values (one prefill, many policies)."""
+        if self.compressed or self.offset:
+            raise KVCacheError("load_prefill needs a fresh cache; build a new one with mlx_elm.kv.make_cache")
         self._store = KVCache()
         self._store.update_and_fetch(keys, values)
-        self.offset = other.offset
-        q = getattr(other, "_queries", None)
-        if q is not None and hasattr(self, "_queries"):
-            self._queries = q[:, :, -self.window:] if self.window else q
-            self._query_scale = other._query_scale
+        self.offset = offset
+        self.prompt_end = offset
         return self
 
 
 class KeepAllCache(CompressingKVCache):
     """Full cache that only changes representation after the prompt (e.g. to 4/8-bit)."""
+
+    policy = "full"
 
     def __init__(self, bits: Optional[int] = None, group_size: int = 64):
         super().__init__(capacity=None, window=0, bits=bits, group_size=group_size)

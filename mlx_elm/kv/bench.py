@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
-
-from mlx_elm.kv import cache_nbytes, expect_prompt, make_cache
+from mlx_elm.kv.prefill import prefill
+from mlx_elm.kv.report import cache_nbytes
 
 
 @dataclass
@@ -27,10 +26,11 @@ class KVBenchRow:
 
 def random_openelm(preset_name: str = "OpenELM-270M", seed: int = 0):
     """A float32 OpenELM with the preset's shapes and random weights (speed only)."""
-    from mlx_elm.models.openelm import Model, preset
+    from mlx_elm.model_folder import random_model_args
+    from mlx_elm.models.openelm import Model
 
     mx.random.seed(seed)
-    model = Model(preset(preset_name))
+    model = Model(random_model_args(preset_name))
     mx.eval(model.parameters())
     return model
 
@@ -59,27 +59,14 @@ def run(model, lengths: Sequence[int], capacity: int = 1024, window: int = 32, t
     runs = []  # (L, name, caches, first, nbytes)
     for L in lengths:
         prompt = mx.random.randint(0, vocab, (1, L), key=mx.random.key(seed + L))
-        source = make_cache(model, "snapkv", capacity=capacity, window=window)
-        for c in source:
-            c.auto_compress = False
-        expect_prompt(source, L)
-        for s in range(0, L, chunk):
-            logits = model(prompt[:, s: s + chunk], cache=source)
-            mx.eval(logits, [c.state for c in source])
-        first = mx.argmax(logits[:, -1], axis=-1)
-        full = []
-        for src in source:
-            kv = KVCache()
-            kv.update_and_fetch(*src._store.keys_and_values())
-            full.append(kv)
-        snap = make_cache(model, "snapkv", capacity=capacity, window=window, bits=bits)
-        for c, src in zip(snap, source):
-            c.load_prefill(src)
-            c.compress()
-        del source
-        for name, caches in (("full", full), (f"snapkv C={capacity}", snap)):
+        pre = prefill(model, prompt, window=window, chunk=chunk)
+        first = mx.argmax(pre.logits, axis=-1)
+        for name, caches in (("full", pre.caches(model, "full")),
+                             (f"snapkv C={capacity}", pre.caches(model, "snapkv", capacity=capacity,
+                                                                 window=window, bits=bits))):
             mx.eval([c.state for c in caches], first)
             runs.append((L, name, caches, first, cache_nbytes(caches)))
+        del pre
         mx.clear_cache()
         if progress:
             progress(f"prefilled {L}")
@@ -106,3 +93,23 @@ def table(rows: List[KVBenchRow]) -> str:
                    f"{s.decode_tps / base:.2f} | {f.kv_bytes / 2**20:.1f} | {s.kv_bytes / 2**20:.1f} | "
                    f"{s.kv_bytes / f.kv_bytes:.3f} |")
     return "\n".join(out)
+
+
+def run_report(lengths: Sequence[int], capacity: int, window: int, bits: Optional[int], tokens: int, chunk: int,
+               preset_name: str, rounds: int, seed: int) -> List[str]:
+    """``mlx-elm bench kv``: validate, build the model, run with a progress bar, return the lines to print."""
+    from tqdm import tqdm
+
+    from mlx_elm.kv.registry import options
+
+    options("snapkv", capacity=capacity, window=window, bits=bits)
+    t0 = time.time()
+    model = random_openelm(preset_name, seed)
+    with tqdm(total=len(lengths) + rounds, desc="bench kv", unit="run") as bar:
+        def progress(msg: str) -> None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+
+        rows = run(model, lengths, capacity, window, tokens, chunk, bits, seed, rounds, progress)
+    return [table(rows), f"{preset_name} (random weights, float32), {len(rows)} runs in {time.time() - t0:.0f} s | "
+                         f"peak memory: {mx.get_peak_memory() / 2**30:.3f} GB"]

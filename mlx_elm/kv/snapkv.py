@@ -14,6 +14,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from mlx_elm.errors import KVCacheError
 from mlx_elm.kv.base import CompressingKVCache
 
 
@@ -81,9 +82,9 @@ def snapkv_select(
 
 
 class SnapKVCache(CompressingKVCache):
-    """Per-layer SnapKV cache; a query tap (``mlx_elm.kv.taps``) feeds it the window queries."""
+    """Per-layer SnapKV cache; the attention (or a query tap) hands it the window's queries."""
 
-    needs_queries = True
+    policy = "snapkv"
 
     def __init__(self, capacity: int, window: int = 32, kernel: int = 7, pool: str = "max",
                  per_query_head: bool = False, bits: Optional[int] = None, group_size: int = 64):
@@ -92,35 +93,53 @@ class SnapKVCache(CompressingKVCache):
         self._queries: Optional[mx.array] = None
         self._query_scale: Optional[float] = None
 
-    # --- the tap's side ---------------------------------------------------------------------
-    def query_span(self, n: int) -> Optional[tuple]:
-        """Which of the next ``n`` tokens' queries are needed: (start, stop) within the chunk."""
-        if self.compressed:
-            return None
-        if self.prompt_end is not None:
-            lo = max(self.prompt_end - self.window, self.offset) - self.offset
-            hi = min(self.prompt_end, self.offset + n) - self.offset
-            return (lo, hi) if lo < hi else None
-        return (max(0, n - self.window), n)
+    # --- the queries --------------------------------------------------------------------------
+    @property
+    def wants_queries(self) -> bool:
+        return not self.compressed
 
-    def observe_queries(self, queries: mx.array, scale: float) -> None:
-        """Append post-RoPE queries (B, Hq, w, d) of consecutive positions; keep the last W."""
-        q = queries if self._queries is None else mx.concatenate([self._queries, queries], axis=2)
+    def query_span(self, n: int) -> Optional[tuple]:
+        """Which of the next ``n`` tokens' queries are needed: (start, stop) within the chunk, so a
+        tap recomputes only those."""
+        if self.compressed or self.prompt_end is None:
+            return None
+        lo = max(self.prompt_end - self.window, self.offset) - self.offset
+        hi = min(self.prompt_end, self.offset + n) - self.offset
+        return (lo, hi) if lo < hi else None
+
+    def observe_queries(self, queries: mx.array, scale: float, start: Optional[int] = None) -> None:
+        """Keep the post-RoPE queries (B, Hq, n, d) of positions ``start..`` that fall in the
+        observation window (the last W prompt positions)."""
+        if self.compressed:
+            return
+        self._prompt_complete(0)  # one-line error when the prompt length was never declared
+        start = self.offset if start is None else start
+        lo = max(start, self.prompt_end - self.window)
+        hi = min(start + queries.shape[2], self.prompt_end)
+        if lo >= hi:
+            return
+        q = queries[:, :, lo - start: hi - start]
+        q = q if self._queries is None else mx.concatenate([self._queries, q], axis=2)
         self._queries = q[:, :, -self.window:]
         self._query_scale = scale
+
+    def load_queries(self, queries: mx.array, scale: float) -> "SnapKVCache":
+        """The window's queries of a prefill made elsewhere (see ``mlx_elm.kv.Prefill``)."""
+        self._queries, self._query_scale = queries[:, :, -self.window:], scale
+        return self
 
     # --- selection --------------------------------------------------------------------------
     def select(self, keys: mx.array) -> Optional[mx.array]:
         if keys.shape[2] < self.capacity:
             return None
         if self._queries is None:
-            raise RuntimeError(
-                "SnapKV saw no queries: the model has no query tap; build caches with "
-                "mlx_elm.kv.make_cache(model, ...)"
-            )
+            raise KVCacheError(
+                "SnapKV saw no queries: this model's attention neither hands them to the cache nor has "
+                "a query tap; wrap the prefill in `with mlx_elm.kv.query_taps(model):` (mlx_elm.generate does)")
         q = self._queries
         if q.shape[2] != self.window:
-            raise RuntimeError(f"SnapKV collected {q.shape[2]} window queries, expected {self.window}")
+            raise KVCacheError(f"SnapKV collected {q.shape[2]} window queries, expected {self.window}; "
+                               "feed the whole prompt after expect_prompt")
         self._repeat_factor = q.shape[1] // keys.shape[1]
         return snapkv_select(q, keys, self.capacity, self._query_scale, self.kernel, self.pool,
                              self.per_query_head)

@@ -24,6 +24,8 @@ def streaming_positions(length: int, capacity: int, sinks: int) -> mx.array:
 class StreamingCache(CompressingKVCache):
     """Attention sinks plus a recent window, ``capacity`` rows per head in total."""
 
+    policy = "streaming"
+
     def __init__(self, capacity: int, sinks: int = 4, bits: Optional[int] = None, group_size: int = 64):
         super().__init__(capacity, window=0, bits=bits, group_size=group_size)
         self.sinks = sinks

@@ -194,6 +194,21 @@ def format_table(rows: Sequence[BenchRow]) -> List[str]:
     return out
 
 
+def best_ratios(rows: Sequence[BenchRow]) -> List[str]:
+    """One line per (tokens, mode): each layer's time over SMoE's, each at its faster dispatch."""
+    out = []
+    keys = sorted({(r.tokens, r.mode) for r in rows})
+    for t, m in keys:
+        best: Dict[str, float] = {}
+        for r in rows:
+            if r.tokens == t and r.mode == m:
+                best[r.layer] = min(best.get(r.layer, float("inf")), r.ms)
+        if "smoe" in best:
+            parts = [f"{n} {best[n] / best['smoe']:.2f}x" for n in best if n != "smoe"]
+            out.append(f"best dispatch, {t} tokens, {m}: vs smoe " + ", ".join(parts))
+    return out
+
+
 def auto_choice(tokens: int, experts: int, top_k: int, heads: int = 1) -> str:
     """What ``dispatch="auto"`` picks on this backend for this call (for the summary line)."""
     return expert_dispatch(tokens * heads * top_k, experts)

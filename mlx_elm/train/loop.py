@@ -56,13 +56,22 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> "TrainConfig":
-        for name in ("batch_size", "grad_accumulation"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.iters < 0 or self.epochs < 0:
-            raise TrainingError("--iters and --epochs must not be negative")
-        if self.learning_rate is None or self.learning_rate <= 0:
-            raise TrainingError(f"--learning-rate must be positive (got {self.learning_rate})")
+        """One-line errors for values no run can use (ranges as stated in ``--help``)."""
+        for name, lo, hi in (("batch_size", 1, 65536), ("grad_accumulation", 1, 65536), ("iters", 0, 10**9),
+                             ("warmup_steps", 0, 10**9), ("max_seq_length", 2, 1 << 20),
+                             ("steps_per_eval", 0, 10**9), ("val_batches", -1, 10**9), ("save_every", 0, 10**9),
+                             ("seed", 0, 2**32 - 1)):
+            value = getattr(self, name)
+            if not lo <= value <= hi:
+                flag = "--warmup" if name == "warmup_steps" else f"--{name.replace('_', '-')}"
+                raise TrainingError(f"{flag} must be in [{lo}, {hi}] (got {value})")
+        for name in ("epochs", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise TrainingError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {value})")
+        lr = self.learning_rate
+        if lr is None or not math.isfinite(lr) or not 0 < lr <= 10:
+            raise TrainingError(f"--learning-rate must be a finite number in (0, 10] (got {lr})")
         return self
 
     def total_steps(self, batches_per_epoch: int) -> int:
