@@ -59,8 +59,9 @@ def training_hooks(model: nn.Module, balance_weight: Optional[float] = None,
     """
     if not is_moe_model(model):
         return None, None
-    on_step = None
-    if any(isinstance(m, XMoERouter) for _, m in model.named_modules()):
-        def on_step(step, loss, metrics):
-            renormalize_routers(model)
-    return moe_loss(balance_weight, z_weight), on_step
+
+    def rescale_routers(step, loss, metrics):
+        renormalize_routers(model)
+
+    has_xmoe = any(isinstance(m, XMoERouter) for _, m in model.named_modules())
+    return moe_loss(balance_weight, z_weight), rescale_routers if has_xmoe else None
