@@ -126,11 +126,11 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
     if format == "torchscale-moe" or (format == "auto" and _is_torchscale(source)):
         from convert.torchscale_moe import convert_torchscale_moe
 
-        if quantize:
-            raise ConversionError("--quantize is not available for torchscale MoE checkpoints; convert, then "
-                                  "quantize the folder with mlx_lm.convert or mlx-elm fuse --quantize")
+        if quantize and (bits not in (4, 8) or group_size not in (32, 64, 128)):
+            raise ConversionError(f"--bits {bits} / --group-size {group_size}: use 4 or 8 bits and 32, 64 or 128")
         return convert_torchscale_moe(source, out_dir, dtype=dtype, tokenizer=tokenizer, verify=verify, force=force,
-                                      progress=progress, **(moe_options or {}))
+                                      progress=progress, quantize_bits=bits if quantize else None,
+                                      group_size=group_size, **(moe_options or {}))
     import mlx.core as mx
     from tqdm import tqdm
 

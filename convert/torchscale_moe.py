@@ -193,8 +193,14 @@ def convert_torchscale_moe(source, out_dir, *, heads: Optional[int] = None, top_
                            capacity_factor: float = 0.0, rope: str = "half", rope_base: float = 10000.0,
                            norm_eps: float = 1e-5, embed_scale: float = 1.0, dtype: str = "float32",
                            renames: Sequence[Tuple[str, str]] = (), tokenizer=None, verify: bool = False,
-                           force: bool = False, progress: bool = True):
-    """Convert one checkpoint; returns a ``convert.ConversionReport`` (verify: max |Δlogit|)."""
+                           force: bool = False, progress: bool = True, quantize_bits: Optional[int] = None,
+                           group_size: int = 64):
+    """Convert one checkpoint; returns a ``convert.ConversionReport`` (verify: max |Δlogit|).
+
+    ``quantize_bits`` (4 or 8) quantizes the experts, head/merge and attention with mlx-lm (routers
+    stay in full precision); ``verify`` then checks the float mapping before quantization and notes
+    how far the quantized folder is from the reference.
+    """
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -229,19 +235,32 @@ def convert_torchscale_moe(source, out_dir, *, heads: Optional[int] = None, top_
                                   "is inconsistent")
     model.load_weights([(k, mx.array(v).astype(DTYPES[dtype])) for k, v in weights.items()], strict=True)
     mx.eval(model.parameters())
-    result = {}
+    result, config = {}, args.to_dict()
+    if quantize_bits is not None:
+        from mlx_lm.utils import quantize_model
+
+        if quantize_bits not in (4, 8):
+            raise ConversionError(f"--bits {quantize_bits} is not supported; use 4 or 8")
+        if verify:  # the mapping, checked in float before the (lossy) quantization
+            result["verify"] = verify_model(sd, model, args, rope, embed_scale, dtype)
+        model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits)
 
     def check(folder: Path) -> None:  # runs on the complete folder before it is moved into place
-        if verify:
+        if verify and quantize_bits is None:
             result["verify"] = verify_folder(sd, folder, args, rope, embed_scale, dtype)
+        elif verify:
+            result["quantized"] = verify_folder(sd, folder, args, rope, embed_scale, dtype, allowed=float("inf"))[0]
 
-    write_model_folder(out, model, args.to_dict(), tokenizer=str(tokenizer) if tokenizer else None, replace=force,
+    write_model_folder(out, model, config, tokenizer=str(tokenizer) if tokenizer else None, replace=force,
                        check=check)
     diff, allowed = result.get("verify", (None, None))
     files = sorted(p.name for p in out.iterdir())
     written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     notes = [f"{len(g['moe_ids'])} MoE blocks of {g['experts']} experts, h {g['moe_heads']}, top-{top_k}, "
              f"router {g['router']}" + (", head/merge projections" if g["head"] else "")]
+    if "quantized" in result:
+        notes.append(f"{quantize_bits}-bit folder: max |Δlogit| {result['quantized']:.2e} (relative) against the "
+                     "float reference; the float mapping passed --verify before quantization")
     return ConversionReport(out.absolute(), str(path), "torchscale MoE state_dict", sum(v.size for v in weights.values()),
                             written, time.perf_counter() - start, peak_memory_bytes(), files, diff, allowed, notes)
 
@@ -249,13 +268,21 @@ def convert_torchscale_moe(source, out_dir, *, heads: Optional[int] = None, top_
 TOLERANCE = {"float32": 2e-4, "bfloat16": 3e-2, "float16": 1e-2}
 
 
-def verify_folder(sd, folder: Path, args, rope: str, embed_scale: float, dtype: str) -> Tuple[float, float]:
+def verify_folder(sd, folder: Path, args, rope: str, embed_scale: float, dtype: str,
+                  allowed: Optional[float] = None) -> Tuple[float, float]:
     """Max |logit difference| (relative to the logit scale) of the folder, loaded by mlx_elm and
     upcast to float32, against the PyTorch reference on the checkpoint's own tensors."""
+    from mlx_elm.loading import load_model
+
+    return verify_model(sd, load_model(folder, representation="float32")[0], args, rope, embed_scale, dtype, allowed)
+
+
+def verify_model(sd, model, args, rope: str, embed_scale: float, dtype: str,
+                 allowed: Optional[float] = None) -> Tuple[float, float]:
+    """:func:`verify_folder` on a model in memory."""
     import mlx.core as mx
 
     from convert.torchscale_reference import TorchscaleMoEReference
-    from mlx_elm.loading import load_model
 
     hp = dict(heads=args.num_query_heads[0], top_k=args.top_k, capacity_factor=args.capacity_factor,
               norm_eps=args.rms_norm_eps, rope_base=args.rope_freq_constant, rope=rope, embed_scale=embed_scale)
@@ -263,11 +290,10 @@ def verify_folder(sd, folder: Path, args, rope: str, embed_scale: float, dtype: 
     rng = np.random.default_rng(0)
     probe = rng.integers(0, args.vocab_size, size=(2, 12))
     want = ref(probe)
-    model = load_model(folder, representation="float32")[0]
     got = np.array(model(mx.array(probe)).astype(mx.float32))
     scale = max(1.0, float(np.abs(want).max()))
     diff = float(np.abs(got - want).max()) / scale
-    allowed = TOLERANCE[dtype]
+    allowed = TOLERANCE[dtype] if allowed is None else allowed
     if not diff <= allowed:
         raise ConversionError(f"--verify failed: max |Δlogit| {diff:.2e} (relative) exceeds {allowed:.0e}, so the "
                               "folder does not reproduce the checkpoint; nothing was written (please report it)")

@@ -100,6 +100,22 @@ def test_smoe_xmoe_router_interleaved_rope_untied_scaled_embedding(tmp_path):
     assert np.abs(other - reference_logits(sd, TOKENS, **hp)).max() > 1e-3
 
 
+def test_quantized_conversion_keeps_routers_dense_and_stays_close(tmp_path):
+    sd = torchscale_state_dict(moe_heads=1, expert_ffn=32, head_merge=False)  # widths divisible by the group
+    report = convert(save(sd, tmp_path / "m.pt"), tmp_path / "q", format="torchscale-moe", dtype="float32",
+                     quantize=True, bits=8, group_size=32, verify=True, moe_options=dict(heads=HEADS))
+    assert report.max_logit_diff <= report.tolerance  # the float mapping
+    assert any("8-bit folder" in n for n in report.notes)
+    model = load_model(tmp_path / "q", representation="as-stored")[0]
+    kinds = {p: type(m).__name__ for p, m in model.named_modules()}
+    assert kinds["transformer.layers.1.moe.router"] == "Linear"
+    assert kinds["transformer.layers.1.moe.experts.up_proj"] == "QuantizedSwitchLinear"
+    assert kinds["transformer.layers.1.moe.experts.down_proj"] == "QuantizedSwitchLinear"
+    got = np.array(model(mx.array(TOKENS)))
+    want = reference_logits(sd, TOKENS)
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
 def test_a_wrong_mapping_fails_verify_and_writes_nothing(tmp_path, monkeypatch):
     from convert import torchscale_moe
 
