@@ -138,8 +138,15 @@ def balance_loss(probs: mx.array, first_choice: mx.array, num_experts: int) -> m
     ``p`` is the full softmax; ``f_e`` is the fraction of rows whose *first* choice is ``e``
     (before capacity), as in the official gating code.
     """
-    frac = (first_choice[:, None] == mx.arange(num_experts)[None, :]).astype(mx.float32).mean(0)
+    frac = bincount(first_choice, num_experts) / first_choice.shape[0]
     return num_experts * (probs.mean(0) * mx.stop_gradient(frac)).sum()
+
+
+def bincount(ids: mx.array, n: int) -> mx.array:
+    """How often each of ``0..n-1`` occurs in ``ids`` (float32, no gradient): a scatter-add,
+    O(len(ids)) instead of a one-hot matrix of len(ids) x n."""
+    ids = mx.stop_gradient(ids).reshape(-1)
+    return mx.zeros((n,), dtype=mx.float32).at[ids].add(mx.ones(ids.shape, dtype=mx.float32))
 
 
 def router_z_loss(logits: mx.array) -> mx.array:
@@ -178,7 +185,7 @@ def blocked_dispatch(experts: SwitchGLU, x: mx.array, inds: mx.array, block: Opt
     ids = mx.stop_gradient(inds).reshape(-1)
     order = mx.argsort(ids)
     sorted_ids = ids[order]
-    counts = (ids[:, None] == mx.arange(E)[None, :]).astype(mx.int32).sum(0)
+    counts = bincount(ids, E).astype(mx.int32)
     blocks = (counts + block - 1) // block
     block_end = mx.cumsum(blocks)
     seg_start = mx.cumsum(counts) - counts
@@ -315,13 +322,15 @@ def routing_aux(logits: mx.array, probs: mx.array, inds: mx.array, keep: Optiona
     sub-token rows assigned to e, ``kept`` = assignments that got a capacity slot.
     """
     S, k = inds.shape
-    experts = mx.arange(num_experts)
-    onehot = (inds[..., None] == experts).astype(mx.float32)  # (S, k, E)
-    load = onehot.sum((0, 1))
-    hits = (onehot.reshape(S // group, group * k, num_experts).max(1)).sum(0)
+    inds = mx.stop_gradient(inds)
+    per_token = mx.sort(inds.reshape(S // group, group * k), axis=-1)  # a token's experts, sorted
+    distinct = mx.concatenate([mx.ones((per_token.shape[0], 1), dtype=mx.bool_),
+                               per_token[:, 1:] != per_token[:, :-1]], axis=1)
+    hits = mx.zeros((num_experts,), dtype=mx.float32).at[per_token.reshape(-1)].add(
+        distinct.reshape(-1).astype(mx.float32))
     kept = mx.array(float(S * k)) if keep is None else keep.sum()
-    counts = {"load": load, "first": onehot[:, 0].sum(0), "token_hits": hits, "kept": kept,
-              "rows": mx.array(float(S)), "tokens": mx.array(float(S // group))}
+    counts = {"load": bincount(inds, num_experts), "first": bincount(inds[:, 0], num_experts), "token_hits": hits,
+              "kept": kept, "rows": mx.array(float(S)), "tokens": mx.array(float(S // group))}
     aux = {k_: mx.stop_gradient(v) for k_, v in counts.items()}
     aux["balance"] = balance_loss(probs, inds[:, 0], num_experts)
     aux["z"] = router_z_loss(logits)
