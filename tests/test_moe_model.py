@@ -157,6 +157,7 @@ def test_train_cli_pretrains_an_moe_preset_with_routing_metrics(spm_model_path, 
     res = cli("train", "--config", cfg, "--data", data, "--out", tmp_path / "o", "--tokenizer", spm_model_path,
               "--iters", 4, "--batch-size", 4, "--max-seq-length", 32, "--steps-per-eval", 4, "--save-every", 2)
     assert res.code == 0, res.stderr
+    assert "routing (balance loss" in res.stderr and "block 2: entropy" in res.stderr
     metrics = json.loads((tmp_path / "o" / "moe_metrics.json").read_text())
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert metrics[-1]["balance_loss"] > 0 and 0 < metrics[-1]["L1/entropy"] <= 1

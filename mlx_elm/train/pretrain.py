@@ -112,7 +112,17 @@ def pretrain(
                    on_step=record)
     if world.is_main:
         log(result.summary())
+        if loss_fn is not None and history:
+            log(routing_line(history[-1]) + f" (per step: {out_dir / MOE_METRICS_FILE})")
     return result
+
+
+def routing_line(metrics: dict) -> str:
+    """One line of the last step's per-layer routing metrics (load entropy / log E, dead experts)."""
+    layers = sorted({k.split("/")[0] for k in metrics if k.startswith("L") and "/" in k}, key=lambda s: int(s[1:]))
+    parts = [f"block {int(name[1:]) + 1}: entropy {metrics[name + '/entropy']:.3f}, max share "
+             f"{metrics[name + '/max_share']:.3f}, dead {int(metrics[name + '/dead'])}" for name in layers]
+    return f"routing (balance loss {metrics.get('balance_loss', float('nan')):.3f}): " + "; ".join(parts)
 
 
 def write_metrics(path: Path, history: list) -> None:
