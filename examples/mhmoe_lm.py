@@ -163,16 +163,17 @@ def run_one(arm: str, seed: int, cfg: StudyConfig, data: Dataset, out_dir: Path)
 
 def study_plan(cfg: StudyConfig, fast: bool = False) -> List[Tuple[str, int]]:
     """(arm, seed) runs in priority order, so a study cut short by time still answers the main
-    question: every arm on the first seed (with the balance-loss-off arms), then the arms of the
-    equal-FLOPs comparison (SMoE, fine-grained, MH-MoE) on the other seeds, then the context arms
-    (dense, v1) on those seeds."""
+    question: every main arm on the first seed, then the arms of the equal-FLOPs comparison (SMoE,
+    fine-grained, MH-MoE) on the other seeds, then the balance-loss-off arms, then the context
+    arms (dense, v1) on the other seeds."""
     key = [a for a in ("smoe", "fine-grained", "mhmoe-h2", "mhmoe-h4") if a in cfg.arms]
     context = [a for a in cfg.arms if a in MAIN_ARMS and a not in key]
+    weak = [a for a in cfg.arms if a in WEAK_ARMS]
     first, rest = cfg.seeds[:1], cfg.seeds[1:]
-    plan = [(a, s) for s in first for a in cfg.arms if a not in WEAK_ARMS or s in cfg.weak_seeds or fast]
+    plan = [(a, s) for s in first for a in cfg.arms if a in MAIN_ARMS or (a == "smoe-a0" and not fast)]
     plan += [(a, s) for s in rest for a in key]
+    plan += [(a, s) for a in weak for s in cfg.seeds if (s in cfg.weak_seeds or fast) and (a, s) not in plan]
     plan += [(a, s) for s in rest for a in context]
-    plan += [(a, s) for s in rest for a in cfg.arms if a in WEAK_ARMS and (s in cfg.weak_seeds or fast)]
     return plan
 
 

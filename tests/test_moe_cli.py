@@ -68,7 +68,7 @@ def test_bench_rows_cover_layers_dispatches_tokens_and_modes(run):
     assert all(r.ms > 0 and r.peak_memory_mb > 0 for r in rows)
     rel = ratios(rows)
     assert all(v == 1.0 for (layer, *_), v in rel.items() if layer == "smoe")
-    out = run("bench", "moe", "--dim", 64, "--experts", 4, "--ffn", 64, "--tokens", 1, "--tokens", 32, "--runs", 1,
+    out = run("bench", "moe", "--dim", 64, "--experts", 4, "--ffn", 64, "--tokens", 1, "--tokens", 32, "--rounds", 1,
                "--layers", "smoe,mhmoe-h2", "--modes", "forward")
     assert "best dispatch, 32 tokens, forward: vs smoe mhmoe-h2" in out
 

@@ -92,7 +92,7 @@ def moe(
                                               help="Tokens per call (repeat; 1 = decode, 2048 = prefill).")] = [1, 2048],
     modes: Annotated[str, typer.Option("--modes", help="forward and/or forward+backward, comma-separated.")] = "forward,forward+backward",
     dispatch: Annotated[str, typer.Option("--dispatch", help="Expert dispatches to time: gather, blocked.")] = "gather,blocked",
-    runs: Runs = 3,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Interleaved timing rounds (the best counts).")] = 3,
     out_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
 ) -> None:
     """One MoE layer: tokens/s and peak memory of SMoE vs MH-MoE vs a dense FFN of equal FLOPs, per dispatch."""
@@ -110,9 +110,9 @@ def moe(
     total = sum((1 if n == "dense" else len(disp)) * len(tokens) * len(mode_list) for n in names)
     tic = time.perf_counter()
     with tqdm(total=total, desc="bench moe", leave=False) as bar:
-        rows = bench_moe(names, dim, experts, ffn, tokens, mode_list, disp, runs, progress=bar.update)
+        rows = bench_moe(names, dim, experts, ffn, tokens, mode_list, disp, rounds, progress=bar.update)
     typer.echo(f"one layer, d {dim}, SMoE {experts} x SwiGLU {ffn} top-1, v2-sized peers; {describe_backend()}; "
-               f"median of {runs}")
+               f"best of {rounds} interleaved rounds")
     for line in format_table(rows):
         typer.echo(line)
     for line in best_ratios(rows):
