@@ -97,6 +97,7 @@ def test_generation_with_a_cache_equals_the_full_forward():
     np.testing.assert_allclose(np.array(mx.stack(step, 1)), np.array(full[:, 3:]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_reaches_expert_layers_trains_and_fuses(spm_model_path, tmp_path):
     probe = tiny_moe("mhmoe-h2")
     plan = apply_adapters(probe, LoRAConfig(rank=4, alpha=8, targets=("all-linear",)))

@@ -51,7 +51,7 @@ class BenchRow:
     mode: str
     ms: float
     tokens_per_second: float
-    peak_memory_mb: float
+    peak_memory_mb: float  # allocated by the call, above the resident weights
     gflops: float  # matmul FLOPs of one call (forward) at this size
 
     def as_dict(self) -> dict:
@@ -120,11 +120,14 @@ def _prepare(layer: nn.Module, dims: int, tokens: int, mode: str) -> Callable[[]
 
 
 def _time_once(call: Callable[[], object]) -> Tuple[float, int]:
+    """Seconds of one call, and the peak memory it allocated above what was already resident
+    (every layer of the benchmark stays loaded, so the process peak would not say much)."""
     mx.synchronize()
+    resident = mx.get_active_memory()
     mx.reset_peak_memory()
     tic = time.perf_counter()
     mx.eval(call())
-    return time.perf_counter() - tic, mx.get_peak_memory()
+    return time.perf_counter() - tic, max(0, mx.get_peak_memory() - resident)
 
 
 def bench_moe(layers: Sequence[str] = LAYERS, dims: int = 768, experts: int = 8, ffn: int = 2048,
@@ -194,7 +197,7 @@ def format_table(rows: Sequence[BenchRow]) -> List[str]:
             best[key] = min(best.get(key, float("inf")), r.ms)
     dense = {(r.tokens, r.mode): r.ms for r in rows if r.layer == "dense"}
     out = [f"{'layer':<14}{'E':>5}{'k':>3}{'h':>3}  {'dispatch':<9}{'tokens':>7}  {'mode':<17}{'ms':>10}"
-           f"{'tok/s':>11}{'peak MB':>9}{'vs smoe':>8}{'vs dense':>9}"]
+           f"{'tok/s':>11}{'+MB':>9}{'vs smoe':>8}{'vs dense':>9}"]
     for r in rows:
         vs = rel.get((r.layer, r.dispatch, r.tokens, r.mode))
         vd = r.ms / dense[(r.tokens, r.mode)] if (r.tokens, r.mode) in dense else None
