@@ -197,8 +197,34 @@ def summarize(runs: Sequence[dict]) -> List[dict]:
         if "routing" in rows[0]:
             for key in rows[0]["routing"]:
                 entry[key] = float(np.mean([r["routing"][key] for r in rows]))
+            for rel in RELATIVE_THRESHOLDS:  # share above rel / E: comparable across expert counts
+                entry[f"act_rel@{rel}"] = float(np.mean([relative_activation(r["load_share"], rel) for r in rows]))
+        entry.update(paired(runs, arm, "smoe" if not arm.endswith("-a0") else "smoe-a0"))
         table.append(entry)
     return table
+
+
+RELATIVE_THRESHOLDS = (0.25, 0.5)
+
+
+def relative_activation(load_share: Sequence[Sequence[float]], rel: float) -> float:
+    """Fraction of (layer, expert) cells whose load share exceeds ``rel`` x the even share 1 / E."""
+    cells = [np.asarray(s) * len(s) > rel for s in load_share]
+    return float(np.concatenate(cells).mean())
+
+
+def paired(runs: Sequence[dict], arm: str, ref: str) -> dict:
+    """Per-seed perplexity change of ``arm`` against ``ref`` on the same seed (same init seed and
+    batches), in percent: seeds differ far more from each other than arms do, so this is the
+    comparison that can resolve a few percent."""
+    a = {r["seed"]: r["val_ppl"] for r in runs if r["arm"] == arm}
+    b = {r["seed"]: r["val_ppl"] for r in runs if r["arm"] == ref}
+    common = sorted(set(a) & set(b))
+    if arm == ref or not common:
+        return {}
+    d = np.array([100 * (a[s] / b[s] - 1) for s in common])
+    return {f"vs_{ref}_pct": float(d.mean()), f"vs_{ref}_pct_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            f"vs_{ref}_seeds": len(d), f"vs_{ref}_better": int((d < 0).sum())}
 
 
 def verdicts(table: Sequence[dict]) -> Dict[str, str]:
@@ -206,21 +232,22 @@ def verdicts(table: Sequence[dict]) -> Dict[str, str]:
     by = {t["arm"]: t for t in table}
     out = {}
     if "smoe" in by:
-        for arm in ("mhmoe-h2", "mhmoe-h4"):
-            if arm in by:
-                a, s = by[arm], by["smoe"]
-                gap = 100 * (a["ppl_mean"] / s["ppl_mean"] - 1)
-                noise = math.hypot(a["ppl_std"], s["ppl_std"])
-                holds = a["ppl_max"] <= s["ppl_min"] if a["seeds"] > 1 else a["ppl_mean"] <= s["ppl_mean"]
-                out[f"{arm} ppl <= smoe at equal FLOPs"] = (
-                    f"{'holds' if a['ppl_mean'] <= s['ppl_mean'] else 'fails'} on the mean ({gap:+.2f}%, "
-                    f"seed spread {noise:.3f}); {'every' if holds else 'not every'} seed of {arm} beats every seed of smoe")
+        for arm in ("fine-grained", "mhmoe-h2", "mhmoe-h4", "v1-h4"):
+            if arm in by and "vs_smoe_pct" in by[arm]:
+                a = by[arm]
+                n, better = a["vs_smoe_seeds"], a["vs_smoe_better"]
+                verdict = "holds" if better == n and n > 1 else "holds on the mean" if a["vs_smoe_pct"] < 0 else "fails"
+                flops = "at ~2x FLOPs" if arm == "v1-h4" else "at equal FLOPs"
+                out[f"{arm} ppl <= smoe {flops}"] = (
+                    f"{verdict}: paired change {a['vs_smoe_pct']:+.2f}% (std {a['vs_smoe_pct_std']:.2f} over {n} "
+                    f"seeds), lower on {better} of {n} seeds")
     for weak, ref in (("mhmoe-h2-a0", "smoe-a0"), ("v1-h4-a0", "smoe-a0")):
         if weak in by and ref in by:
-            a, b = by[weak].get("act_token@0.05"), by[ref].get("act_token@0.05")
-            c, d = by[weak].get("act_subtoken@0.05"), by[ref].get("act_subtoken@0.05")
-            out[f"{weak} activation > {ref}"] = (f"per-token basis (paper) {a:.3f} vs {b:.3f}; "
-                                                 f"per-sub-token basis {c:.3f} vs {d:.3f}")
+            w, r = by[weak], by[ref]
+            out[f"{weak} activation > {ref}"] = (
+                f"per-token basis (paper, tau 0.05) {w['act_token@0.05']:.3f} vs {r['act_token@0.05']:.3f}; per "
+                f"sub-token {w['act_subtoken@0.05']:.3f} vs {r['act_subtoken@0.05']:.3f}; share > 1/(4E) "
+                f"{w['act_rel@0.25']:.3f} vs {r['act_rel@0.25']:.3f}; load entropy {w['entropy']:.3f} vs {r['entropy']:.3f}")
     return out
 
 
@@ -234,13 +261,18 @@ def write_results(path: Path, cfg: StudyConfig, runs: List[dict], extra: dict) -
 
 def print_table(table: Sequence[dict]) -> None:
     print(f"{'arm':<14}{'seeds':>6}{'ppl/byte':>16}{'bits/byte':>11}{'MFLOP/tok':>11}{'params':>9}"
-          f"{'act(tok,.05)':>14}{'act(sub,.05)':>14}{'entropy':>9}")
+          f"{'act(tok,.05)':>14}{'act(sub,.05)':>14}{'act(>1/4E)':>12}{'entropy':>9}{'vs smoe':>16}")
     for t in table:
         act = f"{t['act_token@0.05']:.3f}" if "act_token@0.05" in t else "-"
         sub = f"{t['act_subtoken@0.05']:.3f}" if "act_subtoken@0.05" in t else "-"
         ent = f"{t['entropy']:.3f}" if "entropy" in t else "-"
+        rel = f"{t['act_rel@0.25']:.3f}" if "act_rel@0.25" in t else "-"
+        ref = "smoe-a0" if t["arm"].endswith("-a0") else "smoe"
+        vs = (f"{t[f'vs_{ref}_pct']:+.2f}% ({t[f'vs_{ref}_better']}/{t[f'vs_{ref}_seeds']})"
+              if f"vs_{ref}_pct" in t else "-")
         print(f"{t['arm']:<14}{t['seeds']:>6}{t['ppl_mean']:>9.4f} ± {t['ppl_std']:.4f}{t['bpb_mean']:>11.4f}"
-              f"{t['flops_per_token'] / 1e6:>11.3f}{t['total_parameters'] / 1e6:>8.2f}M{act:>14}{sub:>14}{ent:>9}")
+              f"{t['flops_per_token'] / 1e6:>11.3f}{t['total_parameters'] / 1e6:>8.2f}M{act:>14}{sub:>14}{rel:>12}"
+              f"{ent:>9}{vs:>16}")
 
 
 def main(argv=None) -> int:
