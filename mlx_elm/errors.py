@@ -44,5 +44,9 @@ class NgramError(MlxElmError):
     """Invalid n-gram model or construction options."""
 
 
+class SpeechError(MlxElmError):
+    """Invalid text, prompt audio, speech model, corpus or speech-training options."""
+
+
 class MoEError(MlxElmError):
     """Invalid mixture-of-experts options, models or benchmark settings."""

@@ -19,6 +19,7 @@ def test_schedule_command_prints_published_with_source(cli):
     assert r.code == 0 and r.stdout.startswith("sigmas: 80,")
 
 
+@pytest.mark.slow
 def test_train_optimize_roundtrip(cli, tmp_path):
     den = tmp_path / "d.safetensors"
     r = cli("ays", "train-toy", "--dataset", "ring8", "--out", str(den), "--steps", "20",

@@ -13,9 +13,8 @@ from openelm_fixtures import random_model, save_mlx_folder, tiny_args
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    model, tok, info = mlx_elm.load_with_info()
-    return model, tok, info
+def smollm(embedded):
+    return embedded
 
 
 def test_embedded_default_knows_the_capital_of_france(smollm):
