@@ -229,7 +229,15 @@ def _install_tokenizer(tokenizer: str | Path, folder: Path) -> None:
     install_tokenizer(tokenizer, folder)
 
 
-__all__ = ["ConversionReport", "convert", "open_source", "DTYPES", "FORMATS"]
+def parse_renames(items: Optional[List[str]]) -> List[tuple]:
+    """``--rename OLD=NEW`` strings -> (old, new) pairs for the torchscale converter (one-line error
+    otherwise); here so the CLI reaches it through the package API."""
+    from convert.torchscale_moe import parse_renames as run
+
+    return run(items)
+
+
+__all__ = ["ConversionReport", "convert", "open_source", "parse_renames", "DTYPES", "FORMATS"]
 
 
 def convert_hifigan(checkpoint: str | Path, config: str | Path, out: str | Path) -> Path:

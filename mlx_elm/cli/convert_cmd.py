@@ -72,7 +72,7 @@ def convert(
 
 
 def _moe_options(heads, top_k, capacity_factor, rope, norm_eps, embed_scale, rename) -> dict:
-    from convert.torchscale_moe import parse_renames
+    from convert import parse_renames
 
     return dict(heads=heads, top_k=top_k, capacity_factor=capacity_factor, rope=rope, norm_eps=norm_eps,
                 embed_scale=embed_scale, renames=parse_renames(rename))

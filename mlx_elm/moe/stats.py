@@ -16,6 +16,7 @@ import numpy as np
 
 from mlx_elm.errors import MoEError
 from mlx_elm.models.moe import PAPER_THRESHOLDS, MHMoE, RoutingStats, activation_ratio, is_moe_layer
+from mlx_elm.train.data import read_jsonl
 
 
 def moe_layers(model: nn.Module) -> List[Tuple[int, nn.Module]]:
@@ -113,8 +114,6 @@ def plot_load(stats: Sequence[RoutingStats], layer_ids: Sequence[int], path, tit
 def read_texts(source) -> List[str]:
     """Texts to route: a folder's valid.jsonl (else train.jsonl), a .jsonl file of records with
     'text' (or prompt/completion), or any plain-text file."""
-    from mlx_elm.train.data import read_jsonl
-
     path = Path(source).expanduser()
     if path.is_dir():
         for name in ("valid.jsonl", "train.jsonl"):
