@@ -236,7 +236,8 @@ def verdicts(table: Sequence[dict]) -> Dict[str, str]:
             if arm in by and "vs_smoe_pct" in by[arm]:
                 a = by[arm]
                 n, better = a["vs_smoe_seeds"], a["vs_smoe_better"]
-                verdict = "holds" if better == n and n > 1 else "holds on the mean" if a["vs_smoe_pct"] < 0 else "fails"
+                verdict = ("one seed only" if n < 2 else "holds on every seed" if better == n else
+                           "fails on every seed" if better == 0 else "mixed")
                 flops = "at ~2x FLOPs" if arm == "v1-h4" else "at equal FLOPs"
                 out[f"{arm} ppl <= smoe {flops}"] = (
                     f"{verdict}: paired change {a['vs_smoe_pct']:+.2f}% (std {a['vs_smoe_pct_std']:.2f} over {n} "
@@ -257,6 +258,23 @@ def write_results(path: Path, cfg: StudyConfig, runs: List[dict], extra: dict) -
            "verdicts": verdicts(table), "runs": runs}
     with atomic_file(path) as tmp:
         Path(tmp).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def print_runs(runs: Sequence[dict]) -> None:
+    """One markdown row per finished run: bits/byte, the paired change against SMoE on the same seed,
+    expert activation (paper's per-token basis and per sub-token at tau 0.05, share > 1/(4E)), speed."""
+    ppl = {(r["arm"], r["seed"]): r for r in runs}
+    print("| arm | seed | bits/byte | vs SMoE same seed | act tok@.05 | act sub@.05 | act >1/(4E) | tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arm in ARMS:
+        for r in sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"]):
+            ref = ppl.get(("smoe-a0" if arm.endswith("-a0") else "smoe", r["seed"]))
+            vs = (f"{r['bits_per_byte'] - ref['bits_per_byte']:+.4f} b/B ({100 * (r['val_ppl'] / ref['val_ppl'] - 1):+.2f}% ppl)"
+                  if ref is not None and ref is not r else "-")
+            rt = r.get("routing")
+            act = (f"| {rt['act_token@0.05']:.3f} | {rt['act_subtoken@0.05']:.3f} | "
+                   f"{relative_activation(r['load_share'], 0.25):.3f} |") if rt else "| - | - | - |"
+            print(f"| {arm} | {r['seed']} | {r['bits_per_byte']:.4f} | {vs} {act} {r['tokens_per_second']:.0f} |")
 
 
 def print_table(table: Sequence[dict]) -> None:
@@ -285,6 +303,9 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, help="bytes per sequence (default 128)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--arms", help=f"comma-separated arms among {', '.join(ARMS)}")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="results.json files of other runs of the same settings (e.g. seeds run elsewhere) to add")
+    p.add_argument("--report-only", action="store_true", help="rewrite and print the table; train nothing")
     a = p.parse_args(argv)
     cfg = StudyConfig.fast() if a.fast else StudyConfig()
     for name in ("steps", "batch_size", "context"):
@@ -322,9 +343,19 @@ def main(argv=None) -> int:
                 runs = old.get("runs", [])
         except (OSError, ValueError):
             runs = []
+    for other in a.merge:
+        try:
+            doc = json.loads(other.read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--merge {other}: {e}")
+        if doc.get("settings", {}).get("steps") != cfg.steps or doc["settings"].get("context") != cfg.context:
+            p.error(f"--merge {other}: its runs used other steps/context than {cfg.steps} x {cfg.context}")
+        runs += [r for r in doc.get("runs", []) if not any(r["arm"] == o["arm"] and r["seed"] == o["seed"] for o in runs)]
     print(f"corpus: {extra['corpus']}: {n_train} train / {n_valid} validation files, {len(train_bytes):,} / "
           f"{len(valid_bytes):,} bytes; {cfg.steps} steps x {cfg.batch_size} x {cfg.context} bytes per run", flush=True)
     for arm, seed in study_plan(cfg, a.fast):
+        if a.report_only:
+            break
         if any(r["arm"] == arm and r["seed"] == seed for r in runs):
             continue
         row = run_one(arm, seed, cfg, data, a.out / "scratch")
@@ -333,8 +364,13 @@ def main(argv=None) -> int:
         print(f"{arm} seed {seed}: val ppl/byte {row['val_ppl']:.4f} ({row['bits_per_byte']:.4f} bits/byte), "
               f"{row['seconds']:.0f}s, {row['tokens_per_second']:.0f} tok/s, peak {row['peak_memory_gb']:.2f} GB",
               flush=True)
-    write_results(path, cfg, runs, extra)
+    missing = [f"{arm} s{seed}" for arm, seed in study_plan(cfg, a.fast)
+               if not any(r["arm"] == arm and r["seed"] == seed for r in runs)]
+    write_results(path, cfg, runs, {**extra, "not_run": missing})
+    if missing:
+        print(f"not run ({len(missing)} of the plan): {', '.join(missing)}")
     table = summarize(runs)
+    print_runs(runs)
     print_table(table)
     for claim, verdict in verdicts(table).items():
         print(f"{claim}: {verdict}")

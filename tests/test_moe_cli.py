@@ -89,4 +89,12 @@ def test_study_example_fast_mode(tmp_path, capsys):
     smoe = next(r for r in doc["runs"] if r["arm"] == "smoe")
     assert len(smoe["load_share"]) == 1 and abs(sum(smoe["load_share"][0]) - 1) < 1e-9
     assert any("mhmoe-h2 ppl <= smoe" in k for k in doc["verdicts"])
-    assert "wrote" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote" in out and "| mhmoe-h2 | 0 |" in out and doc["not_run"] == []
+    # a study finished in pieces: another folder's runs merged into a report, nothing trained
+    assert mhmoe_lm.main(["--fast", "--out", str(tmp_path / "report"), "--merge", str(tmp_path / "results.json"),
+                          "--report-only"]) == 0
+    merged = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert merged["table"] == doc["table"] and merged["not_run"] == []
+    assert mhmoe_lm.main(["--fast", "--out", str(tmp_path / "empty"), "--report-only"]) == 0
+    assert len(json.loads((tmp_path / "empty" / "results.json").read_text())["not_run"]) == len(doc["runs"])
