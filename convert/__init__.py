@@ -120,8 +120,8 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
 
     ``lora_scale`` is alpha / r of a corenet LoRA checkpoint (not stored in the file; corenet's
     OpenELM recipe uses alpha = r = 32, hence 1.0). ``check_crc=False`` skips the CRC-32 check
-    of .pt/.bin zip entries (one pass over the file saved; a corrupt byte then goes unnoticed; the
-    torchscale path always checks). ``format``: ``openelm``, ``torchscale-moe`` (MH-MoE / SMoE
+    of .pt/.bin zip entries (one pass over the file saved; a corrupt byte then goes unnoticed).
+    ``format``: ``openelm``, ``torchscale-moe`` (MH-MoE / SMoE
     decoders of the official code, ``convert.torchscale_moe``, with ``moe_options`` such as heads,
     top_k, rope), or ``auto`` (by tensor names). Raises ConversionError (one line) on any problem,
     leaving nothing at ``out_dir``.
@@ -135,7 +135,7 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
             raise ConversionError(f"--bits {bits} / --group-size {group_size}: use 4 or 8 bits and 32, 64 or 128")
         return convert_torchscale_moe(source, out_dir, dtype=dtype, tokenizer=tokenizer, verify=verify, force=force,
                                       progress=progress, quantize_bits=bits if quantize else None,
-                                      group_size=group_size, **(moe_options or {}))
+                                      group_size=group_size, check_crc=check_crc, **(moe_options or {}))
     import mlx.core as mx
     from tqdm import tqdm
 

@@ -39,15 +39,16 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^moe_layer\.experts\.(\d+)\.(fc[123])\.weight$")
 
 
-def read_names(path: Path) -> Dict[str, LazyTensor]:
-    """The checkpoint's tensors by name (torch zip via the safe reader, or safetensors)."""
+def read_names(path: Path, check_crc: bool = True) -> Dict[str, LazyTensor]:
+    """The checkpoint's tensors by name (torch zip via the safe reader, CRC-checked unless
+    ``check_crc`` is False, or safetensors)."""
     from convert.corenet import unwrap
     from convert.safe_pickle import load_checkpoint
     from convert.safetensors_reader import read_safetensors
 
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    sd, _ = unwrap(load_checkpoint(path), path)
+    sd, _ = unwrap(load_checkpoint(path, check_crc=check_crc), path)
     return sd
 
 
@@ -194,7 +195,7 @@ def convert_torchscale_moe(source, out_dir, *, heads: Optional[int] = None, top_
                            norm_eps: float = 1e-5, embed_scale: float = 1.0, dtype: str = "float32",
                            renames: Sequence[Tuple[str, str]] = (), tokenizer=None, verify: bool = False,
                            force: bool = False, progress: bool = True, quantize_bits: Optional[int] = None,
-                           group_size: int = 64):
+                           group_size: int = 64, check_crc: bool = True):
     """Convert one checkpoint; returns a ``convert.ConversionReport`` (verify: max |Δlogit|).
 
     ``quantize_bits`` (4 or 8) quantizes the experts, head/merge and attention with mlx-lm (routers
@@ -221,7 +222,7 @@ def convert_torchscale_moe(source, out_dir, *, heads: Optional[int] = None, top_
         raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if top_k < 1 or capacity_factor < 0 or embed_scale <= 0:
         raise ConversionError("--top-k must be >= 1, --capacity-factor >= 0 and --embed-scale > 0")
-    sd = normalize_names(read_names(path), renames)
+    sd = normalize_names(read_names(path, check_crc), renames)
     g = infer_geometry(sd)
     if top_k > g["experts"]:
         raise ConversionError(f"--top-k {top_k} exceeds the checkpoint's {g['experts']} experts")

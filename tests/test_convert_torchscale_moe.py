@@ -160,3 +160,24 @@ def test_convert_cli_with_verify(tmp_path, cli):
     assert "verify max|Δlogit|" in res.stdout
     bad = cli("convert", src, tmp_path / "out2", "--format", "torchscale-moe", "--rope", "sideways")
     assert bad.code == 1 and len(bad.error_lines) == 1 and "--rope" in bad.stderr
+
+
+def test_crc_check_reaches_the_torchscale_path(tmp_path, cli):
+    """A flipped byte in a tensor's zip entry is refused by default; --no-check-crc reads it as is."""
+    import struct
+    import zipfile
+
+    src = save(torchscale_state_dict(), tmp_path / "m.pt")
+    with zipfile.ZipFile(src) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(src.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)  # the local header's own
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start + info.file_size // 2] ^= 0x01  # the low mantissa bit of one float: still finite
+    src.write_bytes(bytes(raw))
+    args = ["--format", "torchscale-moe", "--heads", HEADS, "--top-k", 2, "--dtype", "float32", "--quiet"]
+    bad = cli("convert", src, tmp_path / "o1", *args)
+    assert bad.code == 1 and len(bad.error_lines) == 1 and "crc" in bad.stderr.lower(), bad.stderr
+    assert not (tmp_path / "o1").exists()
+    ok = cli("convert", src, tmp_path / "o2", *args, "--no-check-crc")
+    assert ok.code == 0, ok.stderr
