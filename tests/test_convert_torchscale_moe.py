@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import struct
+import zipfile
 
 import mlx.core as mx
 import numpy as np
@@ -164,9 +166,6 @@ def test_convert_cli_with_verify(tmp_path, cli):
 
 def test_crc_check_reaches_the_torchscale_path(tmp_path, cli):
     """A flipped byte in a tensor's zip entry is refused by default; --no-check-crc reads it as is."""
-    import struct
-    import zipfile
-
     src = save(torchscale_state_dict(), tmp_path / "m.pt")
     with zipfile.ZipFile(src) as z:
         info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
