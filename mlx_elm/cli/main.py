@@ -49,10 +49,13 @@ def _fail(message: str, code: int, e: BaseException, debug: bool) -> None:
 
 def main() -> None:
     """Run the CLI; on Linux first re-exec with OpenBLAS preloaded when that helps."""
-    platform.maybe_reexec_with_fast_blas()
+    asks_for_help = not sys.argv[1:] or any(a in ("--help", "-h") for a in sys.argv[1:])
+    if not asks_for_help:  # help computes nothing: skip the re-exec (it doubles the start-up time)
+        platform.maybe_reexec_with_fast_blas()
     debug = "--debug" in sys.argv[1:] or bool(os.environ.get(DEBUG_ENV))
     args = [a for a in sys.argv[1:] if a != "--debug"]
-    platform.warn_if_slow_blas()
+    if not asks_for_help:
+        platform.warn_if_slow_blas()
     try:
         code = app(args=args, prog_name="mlx-elm", standalone_mode=False)
     except MlxElmError as e:
