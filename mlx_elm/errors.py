@@ -46,3 +46,7 @@ class NgramError(MlxElmError):
 
 class SpeechError(MlxElmError):
     """Invalid text, prompt audio, speech model, corpus or speech-training options."""
+
+
+class MoEError(MlxElmError):
+    """Invalid mixture-of-experts options, models or benchmark settings."""
