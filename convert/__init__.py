@@ -242,9 +242,6 @@ def parse_renames(items: Optional[List[str]]) -> List[tuple]:
     return run(items)
 
 
-__all__ = ["ConversionReport", "convert", "open_source", "parse_renames", "DTYPES", "FORMATS"]
-
-
 def convert_hifigan(checkpoint: str | Path, config: str | Path, out: str | Path) -> Path:
     """A public PyTorch HiFi-GAN generator -> an MLX vocoder folder (see ``convert/hifigan.py``).
 
@@ -253,3 +250,6 @@ def convert_hifigan(checkpoint: str | Path, config: str | Path, out: str | Path)
     from convert.hifigan import convert_hifigan as run
 
     return run(checkpoint, config, out)
+
+
+__all__ = ["ConversionReport", "convert", "convert_hifigan", "open_source", "parse_renames", "DTYPES", "FORMATS"]
