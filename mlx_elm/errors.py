@@ -42,3 +42,7 @@ class DiffusionError(MlxElmError):
 
 class NgramError(MlxElmError):
     """Invalid n-gram model or construction options."""
+
+
+class SpeculativeError(GenerationError):
+    """A draft that cannot serve the target model (another vocabulary, bad K, no prompt to look up)."""
