@@ -153,18 +153,21 @@ class GenerationStats:
     peak_memory_gb: float = 0.0
     finish_reason: Optional[str] = None
     tokens: List[int] = field(default_factory=list)
+    speculative: Optional["speculative.SpeculativeStats"] = None  # with a draft: what it proposed and kept
 
     def summary(self) -> str:
-        return (
+        line = (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s | "
             f"peak memory: {self.peak_memory_gb:.3f} GB"
         )
+        return line if self.speculative is None else f"{line}\n{self.speculative.summary()}"
 
 
 def _responses(model, tokenizer, tokens: Sequence[int], options: SamplingOptions, config: Optional[dict],
                prompt_cache: Optional[List[Any]], draft: "speculative.DraftSpec" = None,
-               num_draft: Optional[int] = None, context: Sequence[int] = (), **generate_kwargs: Any):
+               num_draft: Optional[int] = None, context: Sequence[int] = (),
+               speculative_stats: Optional["speculative.SpeculativeStats"] = None, **generate_kwargs: Any):
     """mlx-lm's ``GenerationResponse`` stream, after our checks, KV bookkeeping and query taps.
 
     With ``draft`` (``"lookup"``, a draft model or a proposer) decoding is speculative
@@ -188,7 +191,7 @@ def _responses(model, tokenizer, tokens: Sequence[int], options: SamplingOptions
         if draft is not None:
             yield from speculative.stream_responses(
                 model, tokenizer, tokens, proposer, rule, max_tokens=max_tokens, num_draft=num_draft,
-                prompt_cache=prompt_cache, context=context, **generate_kwargs)
+                prompt_cache=prompt_cache, context=context, stats=speculative_stats, **generate_kwargs)
             return
         yield from mlx_lm_stream_generate(
             model,
@@ -215,9 +218,12 @@ def stream_tokens(
     """Yield text segments as they are generated; fills ``stats`` when done.
 
     ``prompt_cache`` (a list of per-layer caches) is updated in place, so a caller can keep it
-    across turns or pass a compressed-cache policy.
+    across turns or pass a compressed-cache policy. ``draft=`` / ``num_draft=`` / ``context=``
+    make decoding speculative (see :func:`_responses`); ``stats.speculative`` then counts it.
     """
     stats = stats if stats is not None else GenerationStats()
+    if generate_kwargs.get("draft") is not None:
+        stats.speculative = generate_kwargs.setdefault("speculative_stats", speculative.SpeculativeStats())
     response = None
     for response in _responses(model, tokenizer, prompt_tokens, options, config, prompt_cache, **generate_kwargs):
         stats.tokens.append(int(response.token))  # includes a final EOS token
@@ -309,9 +315,10 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
 
     ``verbose=True`` streams the text to stdout and prints speeds and peak memory.
     """
-    pieces, last = [], None
+    pieces, last, from_draft = [], None, 0
     for last in stream_generate(model, tokenizer, prompt, **kwargs):
         pieces.append(last.text)
+        from_draft += int(last.from_draft)
         if verbose:
             print(last.text, end="", flush=True)
     if verbose and last is not None:
@@ -319,4 +326,6 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | generation: "
               f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
               f"peak memory: {last.peak_memory:.3f} GB")
+        if kwargs.get("draft_model") is not None:
+            print(f"speculative: {from_draft} of {last.generation_tokens} tokens were accepted proposals")
     return "".join(pieces)

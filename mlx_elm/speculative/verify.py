@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_elm.speculative.distribution import SamplingRule
+
+_TINY = float(np.finfo(np.float32).tiny)  # uniform draws in (0, 1): finite Gumbel noise
 
 
 @dataclass
@@ -57,25 +60,29 @@ def verify(rule: SamplingRule, logits: mx.array, tokens: mx.array, drafted: mx.a
             n += 1
         return Verdict(n, target[n], logprobs, draft)
     p = rule.probs(logprobs)
-    bonus = mx.random.categorical(mx.log(p[k]))
+    V = p.shape[-1]
+    # One uniform draw serves everything: column V gives the k acceptance tests, the rest Gumbel
+    # noise for the k residual draws and the bonus draw (argmax(log w + Gumbel) ~ w / sum(w)).
+    u = mx.random.uniform(low=_TINY, high=1.0, shape=(k + 1, V + 1))
+    gumbel = -mx.log(-mx.log(u[:, :V]))
     if k == 0:
-        mx.eval(bonus)
-        return Verdict(0, bonus.item(), logprobs, [])
+        token = mx.argmax(mx.log(p[0]) + gumbel[0])
+        mx.eval(token)
+        return Verdict(0, token.item(), logprobs, [])
     column = drafted[:, None].astype(mx.int32)
     p_d = mx.take_along_axis(p[:k], column, axis=-1)[:, 0]
     if q is None:
-        q = (mx.arange(p.shape[-1])[None, :] == column).astype(p.dtype)
+        q = (mx.arange(V)[None, :] == column).astype(p.dtype)
     q_d = mx.take_along_axis(q, column, axis=-1)[:, 0]
-    u = mx.random.uniform(shape=(k,))
-    accept = u * q_d < p_d  # u < p/q without dividing; q_d > 0 because d was drawn from q
+    accept = u[:k, V] * q_d < p_d  # u < p/q without dividing; q_d > 0 because d was drawn from q
     residual = mx.maximum(p[:k] - q, 0.0)
     mass = residual.sum(axis=-1, keepdims=True)
     residual = mx.where(mass > 0, residual, p[:k])  # p == q: rejection has probability 0 anyway
-    corrections = mx.random.categorical(mx.log(residual), axis=-1)
-    mx.eval(accept, corrections, bonus, drafted)
-    accept, draft = accept.tolist(), drafted.tolist()
+    weights = mx.concatenate([residual, p[k:]], axis=0)
+    picks = mx.argmax(mx.log(weights) + gumbel, axis=-1)  # row i < k: residual draw; row k: bonus
+    mx.eval(accept, picks, drafted)
+    accept, draft, picks = accept.tolist(), drafted.tolist(), picks.tolist()
     n = 0
     while n < k and accept[n]:
         n += 1
-    token = corrections[n].item() if n < k else bonus.item()
-    return Verdict(n, token, logprobs, draft)
+    return Verdict(n, picks[n], logprobs, draft)
