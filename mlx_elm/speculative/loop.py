@@ -19,7 +19,7 @@ caller has not seen; rows verified but not yet handed out are trimmed when the c
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
@@ -42,6 +42,7 @@ class SpeculativeStats:
     drafted: int = 0  # proposed tokens checked
     accepted: int = 0  # ... of which the target kept
     emitted: int = 0  # tokens handed out (the first one, from the prompt, included)
+    trace: List[Tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) per verification
 
     @property
     def acceptance_rate(self) -> float:
@@ -59,7 +60,7 @@ class SpeculativeStats:
         return (self.emitted - 1) / self.verifications if self.verifications else 1.0
 
     def add(self, other: "SpeculativeStats") -> None:
-        for name in ("verifications", "with_draft", "drafted", "accepted", "emitted"):
+        for name in ("verifications", "with_draft", "drafted", "accepted", "emitted", "trace"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def summary(self) -> str:
@@ -136,6 +137,7 @@ def speculative_decode(
             stats.with_draft += int(k > 0)
             stats.drafted += k
             stats.accepted += n
+            stats.trace.append((k, n))
             proposer.feedback(k, n)
             if rule.processors:
                 processed = mx.concatenate([seen, draft.tokens[:n]]) if n else seen
