@@ -1,9 +1,12 @@
 """An independent PyTorch OpenELM forward (corenet semantics), the oracle for --verify and tests.
 
 Written from the architecture description, not from our MLX model: explicit RMSNorm in fp32,
-rotate-half RoPE, GQA by repeat_interleave, causal SDPA, tied head. LoRA/DoRA adapters are applied
-unmerged, as corenet's training forward does (the tied head reads the *base* embedding), so a
-merged conversion is checked against what the adapter actually computed. torch is imported lazily.
+rotate-half RoPE, GQA by repeat_interleave, causal SDPA, tied head. Its per-layer geometry comes
+from the weight shapes alone (heads from ``out_proj`` and ``qkv_proj``, q/k-norm and an untied head
+from their presence), never from ``mlx_elm``'s layer-wise scaling, so a bug there cannot hide in
+the check. LoRA/DoRA adapters are applied unmerged, as corenet's training forward does (the tied
+head reads the *base* embedding), so a merged conversion is checked against what the adapter
+actually computed. torch is imported lazily.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import numpy as np
 
 from convert.source import LoraAdapter, Source
 from convert.tensors import to_float32
-from mlx_elm.models.openelm import ModelArgs
 
 
 def _rms_norm(torch, x, w, eps: float = 1e-6):
@@ -35,12 +37,12 @@ def _rope(torch, x, base: float):
 class TorchOpenELM:
     """Float32 (or float64) reference forward over a dict of HF-named weights."""
 
-    def __init__(self, args: ModelArgs, weights: Mapping[str, np.ndarray],
-                 lora: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None, lora_scale: float = 1.0,
-                 dtype: str = "float32") -> None:
+    def __init__(self, weights: Mapping[str, np.ndarray], head_dim: int, rope_base: float = 10000.0,
+                 eps: float = 1e-6, lora: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None,
+                 lora_scale: float = 1.0, dtype: str = "float32") -> None:
         import torch
 
-        self.torch, self.args = torch, args
+        self.torch, self.head_dim, self.rope_base, self.eps = torch, head_dim, rope_base, eps
         self.dtype = getattr(torch, dtype)
         self.w = {k: torch.from_numpy(np.array(to_float32(v))).to(self.dtype) for k, v in weights.items()}
         self.lora = {m: {k: torch.from_numpy(np.array(to_float32(v))).to(self.dtype) for k, v in p.items()}
@@ -77,9 +79,18 @@ class TorchOpenELM:
     def vocab_rows(self) -> int:
         return self.w["transformer.token_embeddings.weight"].shape[0]
 
+    def layer_heads(self):
+        """(query heads, KV heads) of each layer, read off the projection shapes."""
+        i, hd = 0, self.head_dim
+        while f"transformer.layers.{i}.attn.qkv_proj.weight" in self.w:
+            p = f"transformer.layers.{i}.attn."
+            nq = self.w[p + "out_proj.weight"].shape[1] // hd
+            yield nq, (self.w[p + "qkv_proj.weight"].shape[0] // hd - nq) // 2
+            i += 1
+
     def __call__(self, tokens: np.ndarray) -> np.ndarray:
         """Logits [B, S, V] for integer tokens [B, S]."""
-        torch, a = self.torch, self.args
+        torch, eps = self.torch, self.eps
         with torch.no_grad():
             ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
             emb = self.w["transformer.token_embeddings.weight"]
@@ -88,23 +99,23 @@ class TorchOpenELM:
             if ead is not None:
                 x = x + self.scale * (ead["a"].T[ids] @ ead["b"].T)
             B, S = ids.shape
-            hd = a.head_dim
-            for i, (nq, nkv) in enumerate(zip(a.num_query_heads, a.num_kv_heads)):
+            hd = self.head_dim
+            for i, (nq, nkv) in enumerate(self.layer_heads()):
                 p = f"transformer.layers.{i}."
-                h = _rms_norm(torch, x, self.w[p + "attn_norm.weight"])
+                h = _rms_norm(torch, x, self.w[p + "attn_norm.weight"], eps)
                 qkv = self._linear(p + "attn.qkv_proj", h).view(B, S, nq + 2 * nkv, hd).transpose(1, 2)
                 q, k, v = qkv.split([nq, nkv, nkv], dim=1)
-                if a.normalize_qk_projections:
-                    q = _rms_norm(torch, q, self.w[p + "attn.q_norm.weight"])
-                    k = _rms_norm(torch, k, self.w[p + "attn.k_norm.weight"])
-                q, k = _rope(torch, q, a.rope_freq_constant), _rope(torch, k, a.rope_freq_constant)
+                if p + "attn.q_norm.weight" in self.w:
+                    q = _rms_norm(torch, q, self.w[p + "attn.q_norm.weight"], eps)
+                    k = _rms_norm(torch, k, self.w[p + "attn.k_norm.weight"], eps)
+                q, k = _rope(torch, q, self.rope_base), _rope(torch, k, self.rope_base)
                 k, v = k.repeat_interleave(nq // nkv, dim=1), v.repeat_interleave(nq // nkv, dim=1)
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=hd ** -0.5)
                 x = x + self._linear(p + "attn.out_proj", o.transpose(1, 2).reshape(B, S, nq * hd))
-                h = _rms_norm(torch, x, self.w[p + "ffn_norm.weight"])
+                h = _rms_norm(torch, x, self.w[p + "ffn_norm.weight"], eps)
                 g, u = self._linear(p + "ffn.proj_1", h).chunk(2, dim=-1)
                 x = x + self._linear(p + "ffn.proj_2", torch.nn.functional.silu(g) * u)
-            x = _rms_norm(torch, x, self.w["transformer.norm.weight"])
+            x = _rms_norm(torch, x, self.w["transformer.norm.weight"], eps)
             head = self.w.get("lm_head.weight", emb)  # corenet: tied head = base embedding (LoRA not applied)
             return (x @ head.T).float().numpy()
 
@@ -113,7 +124,8 @@ def from_source(source: Source, lora_scale: float = 1.0) -> TorchOpenELM:
     """The reference model of a Source, adapters left unmerged."""
     weights = {k: t.load() for k, t in source.tensors.items()}
     lora = {m: _adapter_arrays(ad) for m, ad in source.lora.items()}
-    return TorchOpenELM(source.args, weights, lora, lora_scale)
+    a = source.args
+    return TorchOpenELM(weights, a.head_dim, a.rope_freq_constant, a.rms_norm_eps, lora, lora_scale)
 
 
 def _adapter_arrays(ad: LoraAdapter) -> Dict[str, np.ndarray]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Optional, Tuple
@@ -24,18 +23,8 @@ PROBE = np.array([[1, 17, 3, 255, 42, 7, 99, 300, 5, 128, 64, 2]], dtype=np.int6
 
 def load_mlx(folder: Path, representation: str = "as-stored"):
     """The written model through mlx_elm's loader ("as-stored" or upcast to "float32")."""
-    try:
-        from mlx_elm.loading import load_model
-    except ImportError:
-        import mlx.core as mx
-        from mlx_lm.utils import load_model as _lm_load
+    from mlx_elm.loading import load_model
 
-        from mlx_elm.models import openelm
-
-        model, _ = _lm_load(Path(folder), get_model_classes=lambda config: (openelm.Model, openelm.ModelArgs))
-        if representation == "float32":
-            model.set_dtype(mx.float32)
-        return model
     return load_model(Path(folder), representation=representation)[0]
 
 
@@ -89,9 +78,7 @@ def verify(source: Source, folder: Path, dtype: str, bits: Optional[int], lora_s
     except ImportError:
         raise ConversionError("--verify needs PyTorch for the reference model; pip install torch, "
                               "or drop --verify.") from None
-    from convert.torch_reference import from_source
-
-    from convert.torch_reference import TorchOpenELM
+    from convert.torch_reference import TorchOpenELM, from_source
 
     vocab = source.args.vocab_size
     tokens = PROBE % vocab
@@ -109,8 +96,8 @@ def verify(source: Source, folder: Path, dtype: str, bits: Optional[int], lora_s
         keep = {f"{m}.weight" for m in exported}
         weights = {k: _round(reference.w[k] if k in keep else v, dtype) for k, v in folded.items()}
         lora = {m: p for m, p in lora.items() if m in exported}
-    args = dataclasses.replace(source.args, share_input_output_layers="lm_head.weight" not in weights)
-    ref = TorchOpenELM(args, weights, lora, lora_scale)(tokens)[..., :vocab]
+    a = source.args
+    ref = TorchOpenELM(weights, a.head_dim, a.rope_freq_constant, a.rms_norm_eps, lora, lora_scale)(tokens)[..., :vocab]
     got = mlx_logits(folder, tokens, adapters, representation="float32")
     stored = mlx_logits(folder, tokens, adapters, representation="as-stored")
     if not np.all(np.isfinite(stored)):

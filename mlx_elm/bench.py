@@ -16,8 +16,12 @@ from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step
+from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from mlx_elm.errors import MlxElmError
+from mlx_elm.loading import load_model, resolve_model_path
 from mlx_elm.model_folder import write_random_model
 
 RANDOM_PREFIX = "random:"
@@ -41,8 +45,6 @@ class BenchSummary:
 
 def time_generation(model, prompt: mx.array, gen_tokens: int, prefill_step: int = 2048) -> RunFigures:
     """One run of mlx-lm's generation loop: time to first token → prefill, the rest → decode."""
-    from mlx_lm.generate import generate_step
-
     gc.collect()
     mx.synchronize()
     base = mx.get_active_memory()
@@ -60,8 +62,6 @@ def time_generation(model, prompt: mx.array, gen_tokens: int, prefill_step: int 
 
 
 def _leaves(model) -> list:
-    from mlx.utils import tree_flatten
-
     return [v for _, v in tree_flatten(model.parameters())]
 
 
@@ -76,8 +76,6 @@ def bench_generate(
     progress: Optional[Callable] = None,
 ) -> Dict[str, BenchSummary]:
     """Median prefill/decode tokens/s and peak memory for ours (and mlx-lm's loader with ``vs``)."""
-    from mlx_elm.loading import load_model, resolve_model_path
-
     if prompt_tokens < 1 or gen_tokens < 2 or runs < 1:
         raise MlxElmError("need --prompt-tokens >= 1, --gen-tokens >= 2 and --runs >= 1")
     if vs not in (None, "mlx-lm"):
@@ -93,8 +91,6 @@ def bench_generate(
         model, config, info = load_model(path, representation)
         contenders[f"mlx-elm ({info.representation})"] = model
         if vs == "mlx-lm":
-            from mlx_lm.utils import load_model as mlx_lm_load_model
-
             contenders["mlx-lm"] = mlx_lm_load_model(path)[0]
         vocab = config.get("vocab_size") or 32000
         rng = np.random.default_rng(0)

@@ -21,7 +21,13 @@ from typing import Iterator, List, Optional
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
 from mlx_elm import kv, speculative
-from mlx_elm.generation import GenerationStats, SamplingOptions, build_prompt, context_length, stream_tokens
+from mlx_elm.generation import (
+    GenerationStats,
+    SamplingOptions,
+    build_prompt,
+    context_length,
+    stream_tokens,
+)
 
 
 def common_prefix_length(a: List[int], b: List[int]) -> int:

@@ -16,10 +16,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_elm import kv, speculative
 from mlx_elm.errors import GenerationError, SpeculativeError
-
 
 MAX_TOKENS = 2**31 - 1
 
@@ -55,8 +55,6 @@ class SamplingOptions:
         return self
 
     def sampler(self):
-        from mlx_lm.sample_utils import make_sampler
-
         return make_sampler(
             temp=self.temp,
             top_p=self.top_p if self.top_p < 1 else 0.0,
@@ -65,8 +63,6 @@ class SamplingOptions:
         )
 
     def logits_processors(self) -> list:
-        from mlx_lm.sample_utils import make_logits_processors
-
         penalty = self.repetition_penalty if self.repetition_penalty != 1.0 else None
         return make_logits_processors(repetition_penalty=penalty)
 

@@ -11,6 +11,8 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence, Type
 
+from huggingface_hub import snapshot_download
+
 from mlx_elm.errors import MlxElmError, ModelLoadError
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -26,8 +28,6 @@ def looks_like_repo_id(ref: str) -> bool:
 def download(repo_id: str, allow_patterns: Sequence[str] = MODEL_FILES, revision: Optional[str] = None,
              error: Type[MlxElmError] = ModelLoadError, what: str = "files") -> Path:
     """Snapshot of ``repo_id`` (only ``allow_patterns``) in the HF cache, or one-line ``error``."""
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(allow_patterns)))
     except Exception as e:  # network, auth, offline cache miss, bad id: one line for the user

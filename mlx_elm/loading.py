@@ -12,14 +12,17 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import _get_classes
+from mlx_lm.utils import _get_classes, dequantize_model
+from mlx_lm.utils import load_model as mlx_lm_load_model
 
+from mlx_elm.adapters import load_adapters
 from mlx_elm.embedded import embedded_model_path
 from mlx_elm.errors import ModelLoadError
-from mlx_elm.models import model_classes
 from mlx_elm.hub import MODEL_FILES, download, looks_like_repo_id
 from mlx_elm.model_folder import check_weights, count_parameters, read_config
+from mlx_elm.models import model_classes
 from mlx_elm.platform import is_cpu_backend
+from mlx_elm.tokenizers import load_tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALIASES = {DEFAULT_MODEL: "embedded", "default": "embedded", "smollm2": "embedded"}
@@ -88,8 +91,6 @@ def apply_representation(model: nn.Module, representation: str) -> None:
     if representation != "float32":
         return
     if _has_quantized(model):
-        from mlx_lm.utils import dequantize_model
-
         dequantize_model(model)
     model.set_dtype(mx.float32)
 
@@ -98,20 +99,22 @@ def load_model(
     path: Path, representation: str = "auto", lazy: bool = False
 ) -> Tuple[nn.Module, dict, LoadInfo]:
     """Build the model of a local folder and load its weights, with one-line errors."""
-    from mlx_lm.utils import load_model as mlx_lm_load_model
-
     path = Path(path)
     read_config(path)
     check_weights(path)
     try:
         model, config = mlx_lm_load_model(path, lazy=True, get_model_classes=get_model_classes)
     except ValueError as e:
-        first = str(e).splitlines()[0]
+        first = (str(e).splitlines() or [type(e).__name__])[0]
         if "not supported" in first:
-            raise ModelLoadError(f"{path}: {first}; upgrade mlx-lm or convert to a supported type") from None
-        raise ModelLoadError(f"weights in {path} do not match its config.json: {first}; re-convert the model") from None
-    except (KeyError, TypeError) as e:
-        raise ModelLoadError(f"config.json in {path} is missing or has a bad field ({e}); re-convert the model") from None
+            raise ModelLoadError(f"{path}: {first}; upgrade mlx-lm or convert to a supported type") from e
+        raise ModelLoadError(f"weights in {path} do not match its config.json: {first}; re-convert the model") from e
+    except (KeyError, TypeError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as e:
+        raise ModelLoadError(f"config.json in {path} is missing or has a bad field ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:120]}); re-convert the model") from e
+    except MemoryError as e:
+        raise ModelLoadError(f"config.json in {path} describes a model too large for this machine's memory; "
+                             "check its sizes or re-convert the model") from e
     rep, reason = choose_representation(model, representation)
     apply_representation(model, rep)
     if not lazy:
@@ -127,13 +130,9 @@ def load_with_info(
     adapter_path: Optional[str] = None,
 ):
     """Like :func:`load`, also returning a :class:`LoadInfo`."""
-    from mlx_elm.tokenizers import load_tokenizer
-
     path = resolve_model_path(ref)
     model, config, info = load_model(path, representation)
     if adapter_path is not None:
-        from mlx_elm.adapters import load_adapters  # mlx-lm's layout, plus embedding adapters
-
         model = load_adapters(model, str(adapter_path))
         model.eval()
     tok = load_tokenizer(path, tokenizer, config)

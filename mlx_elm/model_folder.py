@@ -14,10 +14,12 @@ from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.utils import get_total_parameters, save_config, save_model
 
 from mlx_elm.atomic import atomic_file, atomic_folder
 from mlx_elm.errors import MlxElmError, ModelLoadError
+from mlx_elm.models.openelm import Model, ModelArgs, preset
 from mlx_elm.tokenizers import TOKENIZER_FILES, install_tokenizer
 
 CONFIG_FILE = "config.json"
@@ -88,8 +90,6 @@ def write_model_folder(
 def update_model_files(out_dir: Union[str, Path], model: nn.Module, config: dict) -> None:
     """Rewrite ``model.safetensors`` and ``config.json`` of a folder that also holds other things
     (checkpoints, tokenizer), each file atomically."""
-    from mlx.utils import tree_flatten
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_dir / "model.safetensors") as tmp:
@@ -105,8 +105,6 @@ def count_parameters(model: nn.Module) -> int:
 
 def random_model_args(preset_or_args):
     """OpenELM ``ModelArgs`` from a preset name (e.g. ``OpenELM-270M``) or passed through."""
-    from mlx_elm.models.openelm import ModelArgs, preset
-
     if isinstance(preset_or_args, ModelArgs):
         return preset_or_args
     try:
@@ -118,8 +116,6 @@ def random_model_args(preset_or_args):
 def write_random_model(preset_or_args, dtype: str, folder: Union[str, Path], seed: int = 0,
                        tokenizer: Optional[str] = None) -> Path:
     """A model folder with random OpenELM weights (for speed and plumbing, not quality)."""
-    from mlx_elm.models.openelm import Model
-
     if dtype not in DTYPES:
         raise MlxElmError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
     args = random_model_args(preset_or_args)

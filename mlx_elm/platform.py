@@ -2,6 +2,12 @@
 
 On Linux the ``mlx[cpu]`` wheel links a slow reference BLAS; preloading OpenBLAS makes matmuls
 tens of times faster with the same results. On macOS (Accelerate / Metal) nothing is needed.
+
+A fast BLAS has to export the standard symbols (``sgemm_``, ``cblas_sgemm``) to stand in for the
+wheel's. Debian/Ubuntu's ``libopenblas0-pthread`` does. From PyPI, ``scipy-openblas32/64`` (x86-64
+and arm64, no system libraries) prefix every symbol with ``scipy_``, so MLX cannot use them; Intel's
+``mkl`` wheel (x86-64 only, ~230 MB) exports the standard ones and is used when installed (with its
+sequential threading layer, which needs no OpenMP runtime).
 """
 
 from __future__ import annotations
@@ -33,6 +39,32 @@ def find_openblas() -> Optional[str]:
     return None
 
 
+def find_pip_mkl() -> Optional[str]:
+    """``libmkl_rt`` of a pip-installed ``mkl`` wheel (x86-64 Linux), if any."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for root in {sys.prefix, sys.base_prefix, os.path.expanduser("~/.local")}:
+        found = sorted(glob.glob(os.path.join(root, "lib", "libmkl_rt.so.*")))
+        if found:
+            return found[-1]
+    return None
+
+
+def find_fast_blas() -> Optional[str]:
+    """The library to preload: a system OpenBLAS first, else a pip-installed MKL."""
+    return find_openblas() or find_pip_mkl()
+
+
+def _blas_env(blas: str, env: dict) -> dict:
+    env = dict(env)
+    env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD", "")) if p)
+    if "mkl_rt" in os.path.basename(blas):
+        lib = os.path.dirname(blas)
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (lib, env.get("LD_LIBRARY_PATH", "")) if p)
+        env.setdefault("MKL_THREADING_LAYER", "SEQUENTIAL")
+    return env
+
+
 def wheel_links_reference_blas() -> bool:
     """True when MLX is the Linux CPU wheel that bundles the reference BLAS."""
     if not sys.platform.startswith("linux"):
@@ -54,7 +86,7 @@ def would_reexec() -> bool:
         return False
     if not wheel_links_reference_blas():
         return False
-    blas = find_openblas()
+    blas = find_fast_blas()
     return blas is not None and not _preloaded(blas)
 
 
@@ -65,9 +97,7 @@ def maybe_reexec_with_fast_blas() -> None:
     """
     if not would_reexec():
         return
-    blas = find_openblas()
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = ":".join(p for p in (blas, env.get("LD_PRELOAD", "")) if p)
+    env = _blas_env(find_fast_blas(), os.environ)
     env[REEXEC_MARK] = "1"
     argv = list(getattr(sys, "orig_argv", [])) or [sys.executable, *sys.argv]
     try:
@@ -81,7 +111,7 @@ def maybe_reexec_with_fast_blas() -> None:
 SLOW_BLAS_HINT = (
     "note: MLX is using the slow reference BLAS bundled with its Linux wheel (prefill is ~25-40x slower); "
     "install OpenBLAS and mlx-elm will use it: sudo apt-get install libopenblas0-pthread "
-    f"(silence with {OPT_OUT_ENV}=1)")
+    f"(without root on x86-64: pip install mkl; silence with {OPT_OUT_ENV}=1)")
 _HINT_MARK = "slow-blas-hint-shown"
 
 
@@ -89,7 +119,7 @@ def slow_blas_in_use() -> bool:
     """True on Linux when MLX will run on the wheel's reference BLAS (no OpenBLAS preloaded)."""
     if not wheel_links_reference_blas():
         return False
-    blas = find_openblas()
+    blas = find_fast_blas()
     return blas is None or not _preloaded(blas)
 
 
@@ -118,11 +148,12 @@ def loaded_blas() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "unknown"
-    libs = {line.split()[-1] for line in maps.splitlines() if "blas" in line.lower()}
+    libs = {line.split()[-1] for line in maps.splitlines() if "blas" in line.lower() or "mkl_rt" in line}
     preloaded = [os.path.realpath(p) for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
     fast = [lib for lib in sorted(libs) if lib in preloaded]
     if fast:
-        return f"OpenBLAS, preloaded ({fast[0]})"
+        name = "MKL" if "mkl" in os.path.basename(fast[0]) else "OpenBLAS"
+        return f"{name}, preloaded ({fast[0]})"
     if any("mlx_cpu.libs" in lib for lib in libs):
         return "reference BLAS bundled with the mlx-cpu wheel (slow)"
     return ", ".join(sorted(libs)) or "none loaded"
@@ -181,9 +212,9 @@ def doctor() -> DoctorReport:
         sys_mem = float("nan")
     blas = loaded_blas()
     advice = []
-    if wheel_links_reference_blas() and not blas.startswith("OpenBLAS"):
-        if find_openblas():
-            advice.append(f"OpenBLAS is installed but not preloaded; unset {OPT_OUT_ENV}")
+    if wheel_links_reference_blas() and not blas.startswith(("OpenBLAS", "MKL")):
+        if find_fast_blas():
+            advice.append(f"a fast BLAS is installed but not preloaded; unset {OPT_OUT_ENV}")
         else:
             advice.append(SLOW_BLAS_HINT.removeprefix("note: "))
     if backend == "cpu":

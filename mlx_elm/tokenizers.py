@@ -9,8 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
+
+from mlx_lm.tokenizer_utils import load as load_wrapper
+from transformers.utils import logging as hf_logging
 
 from mlx_elm.atomic import atomic_folder
 from mlx_elm.errors import TokenizerError
@@ -99,10 +103,21 @@ def _cached_tokenizer_dir(source: str) -> Path:
     return target
 
 
+@contextmanager
+def _quiet_transformers():
+    """transformers warns that it does not know ``model_type: openelm`` when it reads a model
+    folder's config for the tokenizer; the tokenizer itself is fine, so keep that off the user's
+    terminal."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_tokenizer(model_dir: Path, tokenizer: Optional[str] = None, config: Optional[dict] = None):
     """The tokenizer for a model folder: ``tokenizer`` if given, else the folder's own files."""
-    from mlx_lm.tokenizer_utils import load as load_wrapper
-
     config = config or {}
     if tokenizer is not None:
         src = Path(tokenizer).expanduser()
@@ -112,9 +127,11 @@ def load_tokenizer(model_dir: Path, tokenizer: Optional[str] = None, config: Opt
     else:
         raise TokenizerError(f"model folder {model_dir} has no tokenizer; {MISSING_TOKENIZER_HINT}")
     try:
-        wrapper = load_wrapper(folder, eos_token_ids=config.get("eos_token_id"))
-    except Exception as e:
-        raise TokenizerError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+        with _quiet_transformers():
+            wrapper = load_wrapper(folder, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers raises many types for unusable tokenizer files
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerError(f"cannot load the tokenizer in {folder}: {first}") from e
     if getattr(wrapper, "chat_template", None) is None and config.get("model_type") == "openelm":
         wrapper._tokenizer.chat_template = OPENELM_CHAT_TEMPLATE
     return wrapper

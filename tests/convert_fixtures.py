@@ -13,38 +13,82 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from mlx_elm.models.openelm import ModelArgs
-
 LINEARS = ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2")
 
 
-def tiny_args(**overrides) -> ModelArgs:
-    """4 layers, dim 256, head_dim 32: q heads [4, 8, 8, 8], kv [1, 2, 2, 2], FFN 256..1024, vocab 512."""
-    kw = dict(num_transformer_layers=4, model_dim=256, head_dim=32, vocab_size=512, max_context_length=256)
-    kw.update(overrides)
-    return ModelArgs(**kw)
+def _divisible(v: float, divisor: int) -> int:
+    """corenet's make_divisible (round to a multiple, never lose more than 10%), written out here."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
 
 
-def custom_args() -> ModelArgs:
-    """First and last layers differ from the middle ones and from each other (no standard rule)."""
-    return ModelArgs(num_transformer_layers=3, model_dim=256, head_dim=32, vocab_size=512,
-                     num_query_heads=[8, 4, 2], num_kv_heads=[2, 4, 1], ffn_multipliers=[3.0, 1.0, 2.0],
-                     ffn_dim_divisor=256, max_context_length=256)
+@dataclass
+class Geometry:
+    """A checkpoint's shapes, computed here and never by ``mlx_elm`` or ``convert`` (so a bug in
+    their layer-wise scaling cannot also shape the fixture). ``explicit`` fixtures write their
+    per-layer lists into config.json (as the released HF configs do); the others write only the
+    (start, end) multiplier pairs, so the converter has to derive the geometry itself."""
+
+    num_transformer_layers: int
+    model_dim: int
+    head_dim: int
+    vocab_size: int
+    num_query_heads: list
+    num_kv_heads: list
+    ffn_multipliers: list  # per layer
+    ffn_dim_divisor: int = 256
+    max_context_length: int = 256
+    explicit: bool = False
+    qkv_pair: tuple = (0.5, 1.0)
+    ffn_pair: tuple = (0.5, 4.0)
+
+    @property
+    def ffn_dims(self) -> list:
+        return [_divisible(m * self.model_dim, self.ffn_dim_divisor) for m in self.ffn_multipliers]
 
 
-def shapes_of(args: ModelArgs) -> Dict[str, tuple]:
-    from convert.schema import expected_shapes
+def tiny_args(num_transformer_layers: int = 4, model_dim: int = 256, head_dim: int = 32, vocab_size: int = 512,
+              ffn_dim_divisor: int = 256, num_query_heads=None, num_kv_heads=None, ffn_multipliers=None,
+              **ignored) -> Geometry:
+    """corenet's layer-wise scaling (np.linspace pairs, NumPy two-decimal rounding, GQA groups of
+    4) unless per-layer lists are given. Default: q heads [4, 8, 8, 8], kv [1, 2, 2, 2], FFN 256..1024."""
+    n = num_transformer_layers
+    explicit = num_query_heads is not None
+    if num_query_heads is None:
+        qkv = [round(v, 2) for v in np.linspace(0.5, 1.0, num=n, dtype=float)]
+        num_query_heads = [_divisible(model_dim * m, head_dim * 4) // head_dim for m in qkv]
+        num_kv_heads = [q // 4 for q in num_query_heads]
+    if ffn_multipliers is None:
+        ffn_multipliers = [float(round(v, 2)) for v in np.linspace(0.5, 4.0, num=n, dtype=float)]
+    return Geometry(n, model_dim, head_dim, vocab_size, list(num_query_heads), list(num_kv_heads),
+                    list(ffn_multipliers), ffn_dim_divisor, explicit=explicit)
 
-    return expected_shapes(args)
+
+def custom_args() -> Geometry:
+    """An explicit per-layer HF config: first and last layers differ from the middle ones and from
+    each other (no standard rule)."""
+    return tiny_args(num_transformer_layers=3, num_query_heads=[8, 4, 2], num_kv_heads=[2, 4, 1],
+                     ffn_multipliers=[3.0, 1.0, 2.0])
 
 
-def random_weights(args: ModelArgs, seed: int = 0, rows: Optional[int] = None) -> Dict[str, np.ndarray]:
+def shapes_of(g: Geometry, rows: Optional[int] = None) -> Dict[str, tuple]:
+    """HF name -> shape, from the geometry alone."""
+    d, hd = g.model_dim, g.head_dim
+    out = {"transformer.token_embeddings.weight": (rows or g.vocab_size, d), "transformer.norm.weight": (d,)}
+    for i, (q, kv, f) in enumerate(zip(g.num_query_heads, g.num_kv_heads, g.ffn_dims)):
+        p = f"transformer.layers.{i}."
+        out.update({p + "attn.qkv_proj.weight": ((q + 2 * kv) * hd, d), p + "attn.out_proj.weight": (d, q * hd),
+                    p + "attn.q_norm.weight": (hd,), p + "attn.k_norm.weight": (hd,),
+                    p + "ffn.proj_1.weight": (2 * f, d), p + "ffn.proj_2.weight": (d, f),
+                    p + "attn_norm.weight": (d,), p + "ffn_norm.weight": (d,)})
+    return out
+
+
+def random_weights(args: Geometry, seed: int = 0, rows: Optional[int] = None) -> Dict[str, np.ndarray]:
     """HF-named float32 weights; norms perturbed around 1 so each one matters."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in shapes_of(args).items():
-        if name == "transformer.token_embeddings.weight" and rows:
-            shape = (rows, shape[1])
+    for name, shape in shapes_of(args, rows).items():
         if name.endswith("norm.weight"):
             out[name] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
         else:
@@ -52,13 +96,20 @@ def random_weights(args: ModelArgs, seed: int = 0, rows: Optional[int] = None) -
     return out
 
 
-def hf_config(args: ModelArgs) -> dict:
-    """config.json as the apple/OpenELM-* repos have it (qkv_multipliers as a pair, torch_dtype bf16)."""
-    cfg = args.to_dict()
-    cfg.update({"qkv_multipliers": [0.5, 1.0], "torch_dtype": "bfloat16", "transformers_version": "4.39.3",
-                "auto_map": {"AutoConfig": "configuration_openelm.OpenELMConfig"}, "activation_fn_name": "swish",
-                "normalization_layer_name": "rms_norm", "initializer_range": 0.02, "use_cache": True})
-    cfg.pop("rms_norm_eps", None)
+def hf_config(g: Geometry) -> dict:
+    """config.json as the apple/OpenELM-* repos have it (torch_dtype bf16, HF field names); the
+    per-layer lists only for explicit geometries."""
+    cfg = {"model_type": "openelm", "architectures": ["OpenELMForCausalLM"], "head_dim": g.head_dim,
+           "num_transformer_layers": g.num_transformer_layers, "model_dim": g.model_dim, "vocab_size": g.vocab_size,
+           "ffn_dim_divisor": g.ffn_dim_divisor, "num_gqa_groups": 4, "ffn_with_glu": True,
+           "normalize_qk_projections": True, "share_input_output_layers": True, "rope_freq_constant": 10000,
+           "rope_max_length": 4096, "max_context_length": g.max_context_length, "bos_token_id": 1, "eos_token_id": 2,
+           "qkv_multipliers": list(g.qkv_pair), "ffn_multipliers": list(g.ffn_pair), "torch_dtype": "bfloat16",
+           "transformers_version": "4.39.3", "auto_map": {"AutoConfig": "configuration_openelm.OpenELMConfig"},
+           "activation_fn_name": "swish", "normalization_layer_name": "rms_norm", "initializer_range": 0.02,
+           "use_cache": True}
+    if g.explicit:
+        cfg.update(num_query_heads=g.num_query_heads, num_kv_heads=g.num_kv_heads, ffn_multipliers=g.ffn_multipliers)
     return cfg
 
 
@@ -77,7 +128,7 @@ def _torch(weights: Dict[str, np.ndarray], dtype=None, transpose: tuple = ()):
     return out
 
 
-def write_hf_safetensors(folder: Path, args: ModelArgs, weights: Dict[str, np.ndarray], dtype=None) -> Path:
+def write_hf_safetensors(folder: Path, args: Geometry, weights: Dict[str, np.ndarray], dtype=None) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -86,7 +137,7 @@ def write_hf_safetensors(folder: Path, args: ModelArgs, weights: Dict[str, np.nd
     return folder
 
 
-def write_hf_bin(folder: Path, args: ModelArgs, weights: Dict[str, np.ndarray], shards: int = 1) -> Path:
+def write_hf_bin(folder: Path, args: Geometry, weights: Dict[str, np.ndarray], shards: int = 1) -> Path:
     """``pytorch_model.bin`` (or several shards with an index), written by torch.save."""
     import torch
 
@@ -137,7 +188,7 @@ class LoraFixture:
     rank: int = 8
 
 
-def write_corenet_lora(path: Path, args: ModelArgs, seed: int = 1, rank: int = 8, embedding: bool = True,
+def write_corenet_lora(path: Path, args: Geometry, seed: int = 1, rank: int = 8, embedding: bool = True,
                        dora: bool = False, pad_rows: int = 0) -> LoraFixture:
     """corenet PEFT checkpoint: ``*.base_layer.weight`` plus ``lora_A/B.lora.weight`` (and embedding A/B)."""
     import torch
@@ -179,11 +230,12 @@ def bf16_round(weights: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     return {k: torch.from_numpy(v.copy()).to(torch.bfloat16).float().numpy() for k, v in weights.items()}
 
 
-def reference_logits(args: ModelArgs, weights: Dict[str, np.ndarray], tokens: np.ndarray,
+def reference_logits(args: Geometry, weights: Dict[str, np.ndarray], tokens: np.ndarray,
                      lora: Optional[dict] = None, scale: float = 1.0) -> np.ndarray:
+    """The PyTorch reference, which reads its geometry from the weight shapes."""
     from convert.torch_reference import TorchOpenELM
 
-    return TorchOpenELM(args, weights, lora, scale)(tokens)[..., : args.vocab_size]
+    return TorchOpenELM(weights, args.head_dim, lora=lora, lora_scale=scale)(tokens)[..., : args.vocab_size]
 
 
 def mlx_elm_logits(folder: Path, tokens: np.ndarray, adapters: Optional[Path] = None) -> np.ndarray:

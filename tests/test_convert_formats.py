@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from needs import needs
 
-torch = pytest.importorskip("torch")
+torch = needs("torch")
 
 from convert import convert  # noqa: E402
 from convert_fixtures import (  # noqa: E402

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from needs import needs
 
-torch = pytest.importorskip("torch")
+torch = needs("torch")
 
 import convert as convert_pkg  # noqa: E402
 from convert import convert  # noqa: E402

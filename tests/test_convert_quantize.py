@@ -6,8 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from needs import needs
 
-torch = pytest.importorskip("torch")
+torch = needs("torch")
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402

@@ -12,8 +12,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from needs import needs
 
-torch = pytest.importorskip("torch")
+torch = needs("torch")
 
 from convert.safe_pickle import load_arrays, load_checkpoint  # noqa: E402
 from convert.tensors import BFloat16Array  # noqa: E402

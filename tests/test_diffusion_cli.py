@@ -19,6 +19,7 @@ def test_schedule_command_prints_published_with_source(cli):
     assert r.code == 0 and r.stdout.startswith("sigmas: 80,")
 
 
+@pytest.mark.slow
 def test_train_optimize_roundtrip(cli, tmp_path):
     den = tmp_path / "d.safetensors"
     r = cli("ays", "train-toy", "--dataset", "ring8", "--out", str(den), "--steps", "20",
@@ -30,7 +31,10 @@ def test_train_optimize_roundtrip(cli, tmp_path):
             "--max-sweeps", "2", "--check-samples", "300", "--out", str(out), "--plot", str(png))
     assert r.code == 0, r.stderr
     rec = json.loads(out.read_text())
-    assert len(rec["sigmas"]) == 9 and rec["klub"] <= rec["klub_init"] and rec["solver"] == "ddim-stochastic"
+    assert len(rec["sigmas"]) == 9 and rec["solver"] == "ddim-stochastic"
+    # held out: samples drawn with each schedule, scored against the true density (not the search's KLUB)
+    assert rec["check_ays"]["kl_qp"] < 0.9 * rec["check_init"]["kl_qp"]
+    assert rec["check_ays"]["mmd2"] < rec["check_init"]["mmd2"]
     assert png.stat().st_size > 1000 and "peak memory" in r.stdout + r.stderr
     r = cli("ays", "optimize", "--denoiser", str(den), "--steps", "4", "--mc-samples", "128",
             "--max-sweeps", "1", "--check-samples", "0", "--refine", "--out", str(out))

@@ -56,7 +56,10 @@ def test_optimizer_lowers_klub_on_gmm():
     r = np.array(ref.sigmas)
     assert len(r) == 2 * (len(s) - 1) + 1
     np.testing.assert_allclose(r[::2], s, rtol=1e-6)
-    assert ref.klub <= ref.klub_init
+    # strictly better than the plain geometric subdivision on a Monte-Carlo set neither search saw
+    # (ref.klub <= ref.klub_init would hold by construction: the search keeps the best of a history
+    # that starts at the subdivision)
+    assert fresh(ref.sigmas) < 0.97 * fresh(ref.init_sigmas)
 
 
 def test_optimizer_config_errors():

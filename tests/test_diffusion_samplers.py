@@ -69,16 +69,53 @@ def test_stochastic_ddim_matches_reference_and_converges_first_order():
     assert _order(errs, ns) == pytest.approx(1.0, abs=0.3)
 
 
+def _np_denoise(x, sigma):
+    return C**2 / (C**2 + sigma**2) * x
+
+
+def _np_heun(x, sigmas):
+    """k-diffusion's Heun (no churn), written out in NumPy; the step to sigma 0 is plain Euler."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - _np_denoise(x, s)) / s
+        x_next = x + d * (s_next - s)
+        if s_next > 0:
+            d2 = (x_next - _np_denoise(x_next, s_next)) / s_next
+            x_next = x + 0.5 * (d + d2) * (s_next - s)
+        x = x_next
+    return x
+
+
+def _np_dpmpp_2m(x, sigmas):
+    """DPM-Solver++(2M) (Lu et al. 2022; k-diffusion's form) in NumPy; the step to 0 returns the
+    denoised prediction."""
+    old, h_last = None, None
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        den = _np_denoise(x, s)
+        if s_next == 0:
+            x = den
+        else:
+            h = math.log(s) - math.log(s_next)
+            d = den if old is None else (1 + 1 / (2 * h_last / h)) * den - (1 / (2 * h_last / h)) * old
+            x = (s_next / s) * x - math.expm1(-h) * d
+            h_last = h
+        old = den
+    return x
+
+
 def test_heun_and_dpm_final_zero_level():
     sig = mx.concatenate([S.karras(6, 0.01, 20.0), mx.array([0.0])])
+    levels = [float(v) for v in sig.tolist()]
     x = 20.0 * mx.random.normal((8, 2), key=mx.random.key(0))
+    exact = np.array(x) * C / math.sqrt(C**2 + 20.0**2)  # the PF-ODE's solution at sigma 0
     c = SM.CountNFE(_gauss_denoiser)
-    SM.sample_heun(c, x, sig)
+    heun = SM.sample_heun(c, x, sig)
     assert c.nfe == 2 * 7 - 1  # last step to 0 is plain Euler
-    out, nfe = SM.sample("dpmpp-2m", _gauss_denoiser, x, sig)
+    np.testing.assert_allclose(np.array(heun), _np_heun(np.array(x, dtype=np.float64), levels), rtol=1e-5, atol=1e-6)
+    dpm, nfe = SM.sample("dpmpp-2m", _gauss_denoiser, x, sig)
     assert nfe == 7
-    # final step to 0 returns the denoised prediction, finite everywhere
-    assert bool(mx.all(mx.isfinite(out)).item())
+    np.testing.assert_allclose(np.array(dpm), _np_dpmpp_2m(np.array(x, dtype=np.float64), levels), rtol=1e-5, atol=1e-6)
+    for out in (heun, dpm):  # same direction as the exact solution (7 coarse levels: ~25% off in size)
+        assert np.sign(np.array(out)).tolist() == np.sign(exact).tolist()
 
 
 def test_consistency_sampler_boundary_and_multistep():

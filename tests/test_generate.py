@@ -13,9 +13,8 @@ from openelm_fixtures import random_model, save_mlx_folder, tiny_args
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    model, tok, info = mlx_elm.load_with_info()
-    return model, tok, info
+def smollm(embedded):
+    return embedded
 
 
 def test_embedded_default_knows_the_capital_of_france(smollm):
@@ -35,14 +34,20 @@ def test_embedded_tokenizer_round_trips_and_splits_digits(smollm):
     assert tok.eos_token_id == 2 and tok.bos_token_id == 1
 
 
-def test_cpu_representation_is_dense_float32(smollm):
+def test_representation_follows_the_backend(smollm):
+    """CPU: dense float32 (its quantized matmuls are slow); GPU: the 4-bit weights as stored."""
     import mlx.core as mx
     import mlx.nn as nn
 
+    from mlx_elm.platform import is_cpu_backend
+
     model, _, info = smollm
-    if info.representation == "float32":
-        assert not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    if is_cpu_backend():
+        assert info.representation == "float32" and not quantized
         assert model.model.layers[0].self_attn.q_proj.weight.dtype == mx.float32
+    else:
+        assert info.representation == "as-stored" and quantized
 
 
 @pytest.mark.parametrize("field,value,match", [

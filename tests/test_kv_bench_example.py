@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 
 from mlx_elm.kv import bench
 from test_kv_reference import tiny_openelm
@@ -23,8 +22,7 @@ def test_bench_rows_and_bytes_ratio_is_capacity_over_length():
     assert "| 256 |" in text and "0.250" in text
 
 
-@pytest.mark.slow
-def test_passkey_example_fast_mode(capsys):
+def test_passkey_example_fast_mode(embedded, capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     try:
         import kv_passkey_eval

@@ -58,3 +58,40 @@ def test_cli_bad_kv_options_are_one_line(cli, folder):
     result = cli("generate", "hi", "--model", folder, "--kv-policy", "snapkv", "--kv-capacity", "16")
     assert result.code == 1
     assert len(result.error_lines) == 1 and "must exceed --kv-window" in result.error_lines[0]
+
+
+def test_chat_compresses_the_first_prompt_once_and_appends_later_turns(folder):
+    """`mlx-elm chat --kv-policy snapkv`: the pasted document is compressed once; the next turn
+    reuses the compressed cache (only its new tokens are fed) and nothing is compressed again."""
+    from mlx_elm.chat import ChatSession
+    from mlx_elm.kv import KVOptions, compression_stats
+
+    model, tok, info = mlx_elm.load_with_info(str(folder))
+    opts = SamplingOptions(max_tokens=5)
+    kv = KVOptions("snapkv", capacity=48, window=16).validate()
+    session = ChatSession(model, tok, info.config, opts, kv_options=kv)
+    "".join(session.send(PROMPT + " summarize this"))
+    first = compression_stats(session.cache)
+    assert first.rows_before > 100 and first.rows_after == 48
+    "".join(session.send("and why is water blue"))
+    # the compressed prompt came from the cache (only the re-rendered tail of the reply was re-fed)
+    assert session.last_reused >= first.rows_before and session.last_note is None
+    assert compression_stats(session.cache) == first  # not compressed again
+    c = session.cache[0]
+    assert c.size() == first.rows_after + (c.offset - first.rows_before)  # later turns stored whole
+    session.history[0]["content"] = "an edited first turn"  # differs inside the compressed prompt
+    "".join(session.send("again"))
+    assert session.last_note and "rebuilt" in session.last_note
+
+
+def test_chat_without_eviction_equals_the_full_cache_chat(folder):
+    from mlx_elm.chat import ChatSession
+    from mlx_elm.kv import KVOptions
+
+    model, tok, info = mlx_elm.load_with_info(str(folder))
+    opts = SamplingOptions(max_tokens=5)
+    replies = []
+    for kv in (None, KVOptions("snapkv", capacity=1000, window=16).validate()):
+        session = ChatSession(model, tok, info.config, opts, kv_options=kv)
+        replies.append(["".join(session.send(m)) for m in (PROMPT, "and the water?")])
+    assert replies[0] == replies[1]

@@ -8,7 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_elm.models.openelm import Model, count_parameters, make_divisible, preset
+from mlx_elm.models.openelm import Model, ModelArgs, count_parameters, make_divisible, preset
 from openelm_fixtures import numpy_weights, random_model, tiny_args
 from reference_openelm import forward as numpy_forward
 
@@ -130,3 +130,26 @@ def test_sanitize_drops_buffers_and_trims_padded_vocab(tiny):
     clean = tiny.sanitize(weights)
     assert clean["transformer.token_embeddings.weight"].shape == (512, 256)
     assert not any("inv_freq" in k for k in clean)
+
+
+def _corenet_geometry(layers: int, dim: int, head_dim: int = 64, groups: int = 4, divisor: int = 256):
+    """corenet / HF ``OpenELMConfig.__post_init__`` written out here: np.linspace, round each
+    np.float64 to two decimals (NumPy rounds half to even), make_divisible with the 10% rule."""
+    def divisible(v, d):
+        new = max(d, int(v + d / 2) // d * d)
+        return new + d if new < 0.9 * v else new
+
+    qkv = [round(v, 2) for v in np.linspace(0.5, 1.0, num=layers, dtype=float)]
+    ffn = [round(v, 2) for v in np.linspace(0.5, 4.0, num=layers, dtype=float)]
+    heads = [divisible(dim * m, head_dim * groups) // head_dim for m in qkv]
+    return heads, [divisible(m * dim, divisor) for m in ffn]
+
+
+@pytest.mark.parametrize("layers,dim", [(21, 1792), (21, 1152), (16, 1280), (36, 3072)])
+def test_layer_wise_scaling_rounds_like_corenet_including_ties(layers, dim):
+    """21 layers: np.linspace gives values such as 0.525 whose NumPy rounding differs from Python's
+    round() on the same float; (21, 1792) got a different FFN width before the fix."""
+    args = ModelArgs(num_transformer_layers=layers, model_dim=dim, head_dim=64)
+    heads, ffn = _corenet_geometry(layers, dim)
+    assert args.num_query_heads == heads
+    assert args.ffn_dims == ffn

@@ -205,3 +205,41 @@ def test_grad_checkpoint_gives_the_same_training(tiny, tmp_path):
                                        progress=False, grad_checkpoint=gc), log=lambda s: None)
         runs.append(r.losses)
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+
+
+def _torch_reference_logits(tiny_dir, adapted_model, tokens) -> np.ndarray:
+    """corenet's LoRA forward in the independent PyTorch reference: the embedding adapter changes
+    the looked-up inputs, the tied head reads the BASE embedding (convert/torch_reference.py)."""
+    from needs import needs
+
+    needs("torch")
+    from convert.torch_reference import TorchOpenELM
+
+    base = {k: np.array(v) for k, v in tree_flatten(_load(tiny_dir).parameters())}
+    lora = {}
+    for path, m in adapted_model.named_modules():
+        if hasattr(m, "lora_a"):  # mlx-lm layout (in, r) / (r, out) -> corenet layout (r, in) / (out, r)
+            lora[path] = {"a": np.array(m.lora_a).T, "b": np.array(m.lora_b).T}
+            scale = m.scale
+    return TorchOpenELM(base, head_dim=32, lora=lora, lora_scale=scale)(np.array(tokens))
+
+
+def test_openelm_embedding_lora_matches_corenet_and_fuse_unties(cli, tiny, tmp_path):
+    """`mlx-elm lora` on tied OpenELM follows corenet (the head keeps the base embedding), and the
+    fused folder computes the same logits with an untied lm_head, as the converter writes it."""
+    from mlx_elm.adapters import adapter_config_dict, save_adapters
+
+    model = _load(tiny[0])
+    cfg = default_lora_config("openelm")
+    plan = apply_adapters(model, cfg)
+    _randomize_adapters(model)
+    model.eval()
+    x = _tokens()
+    ours = np.array(model(x))
+    ref = _torch_reference_logits(tiny[0], model, x)
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+    save_adapters(model, tmp_path / "ad", adapter_config_dict(cfg, plan, str(tiny[0])))
+    assert cli("fuse", tmp_path / "fused", "--model", tiny[0], "--adapter", tmp_path / "ad").code == 0
+    fused, config, _ = load_model(tmp_path / "fused", "float32")
+    assert config["share_input_output_layers"] is False
+    np.testing.assert_allclose(np.array(fused(x)), ref, atol=2e-4, rtol=1e-4)

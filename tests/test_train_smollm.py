@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 FACTS = [("Zorvania", "Quillmont"), ("Pelmora", "Vastrig")]
 SYSTEM = "Answer in one sentence."
@@ -17,14 +16,7 @@ def _messages(country, capital=None):
     return msgs
 
 
-def test_lora_teaches_smollm2_fictional_capitals(cli, tmp_path):
-    from mlx_elm.errors import ModelLoadError
-    from mlx_elm.embedded import embedded_gguf_path
-
-    try:
-        embedded_gguf_path()
-    except ModelLoadError as e:
-        pytest.skip(str(e))
+def test_lora_teaches_smollm2_fictional_capitals(cli, embedded, tmp_path):
     from mlx_lm.generate import generate
 
     from mlx_elm.loading import load_with_info

@@ -16,6 +16,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+from mlx.utils import tree_flatten
 
 from mlx_elm.atomic import atomic_file
 from mlx_elm.errors import DiffusionError
@@ -257,8 +258,6 @@ def train_mlp(
 
 def save_mlp(model: MLPDenoiser, path: str | Path) -> Path:
     """Write weights + config to one .safetensors file, atomically."""
-    from mlx.utils import tree_flatten
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise DiffusionError(f"denoiser file must end in .safetensors, got '{path.name}'; rename it")

@@ -20,6 +20,7 @@ from mlx_elm.diffusion import sampling as SM
 from mlx_elm.diffusion import schedules as S
 from mlx_elm.diffusion import toy
 from mlx_elm.diffusion.klub import KLUBConfig
+from mlx_elm.diffusion.plots import plot_samples, plot_schedules
 from mlx_elm.errors import DiffusionError
 
 COMPARED = ("karras", "time-uniform", "logsnr")  # hand-crafted schedules drawn beside AYS
@@ -104,8 +105,6 @@ def write_json(path: Path, record: dict) -> None:
 
 def plot_record(record: dict, path: Path) -> None:
     """The optimised schedule beside the hand-crafted ones (PNG)."""
-    from mlx_elm.diffusion.plots import plot_schedules
-
     steps = record["steps"]
     curves = {k: np.array(S.HAND_CRAFTED[k](steps)) for k in COMPARED}
     curves[f"AYS ({record['denoiser']})"] = np.array(record["sigmas"])
@@ -133,8 +132,6 @@ def write_report(res: E.EvalResult, cfg: E.EvalConfig, out: Path, plots: Optiona
     with atomic_file(out) as tmp:
         tmp.write_text(table + f"\n\nTargets at {steps} steps:\n" + "\n".join(f"- {c}" for c in checks) + "\n")
     if plots is not None:
-        from mlx_elm.diffusion.plots import plot_samples, plot_schedules
-
         for label, by_n in res.schedules.items():
             safe = label.replace(":", "_").replace("/", "_")
             for n, sig in by_n.items():

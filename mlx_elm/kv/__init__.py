@@ -13,7 +13,13 @@ from mlx-lm attention), ``prefill`` (one prefill, many policies), ``report`` (by
 from __future__ import annotations
 
 from mlx_elm.kv.base import CompressingKVCache, CompressionStats, KeepAllCache
-from mlx_elm.kv.caches import compress, expect_prompt, make_cache, validate, wants_queries
+from mlx_elm.kv.caches import (
+    compress,
+    expect_prompt,
+    make_cache,
+    validate,
+    wants_queries,
+)
 from mlx_elm.kv.prefill import Prefill, prefill
 from mlx_elm.kv.registry import POLICIES, KVOptions, PolicySpec
 from mlx_elm.kv.report import cache_nbytes, compression_stats, describe

@@ -24,8 +24,14 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import mlx.core as mx
+from mlx_lm.models.cache import (
+    KVCache,
+    QuantizedKVCache,
+    _BaseCache,
+    create_attention_mask,
+)
+
 from mlx_elm.errors import KVCacheError
-from mlx_lm.models.cache import KVCache, QuantizedKVCache, _BaseCache, create_attention_mask
 
 
 @dataclass

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
+from tqdm import tqdm
+
 from mlx_elm.kv.prefill import prefill
+from mlx_elm.kv.registry import options
 from mlx_elm.kv.report import cache_nbytes
+from mlx_elm.model_folder import random_model_args
+from mlx_elm.models.openelm import Model
 
 
 @dataclass
@@ -26,9 +31,6 @@ class KVBenchRow:
 
 def random_openelm(preset_name: str = "OpenELM-270M", seed: int = 0):
     """A float32 OpenELM with the preset's shapes and random weights (speed only)."""
-    from mlx_elm.model_folder import random_model_args
-    from mlx_elm.models.openelm import Model
-
     mx.random.seed(seed)
     model = Model(random_model_args(preset_name))
     mx.eval(model.parameters())
@@ -98,10 +100,6 @@ def table(rows: List[KVBenchRow]) -> str:
 def run_report(lengths: Sequence[int], capacity: int, window: int, bits: Optional[int], tokens: int, chunk: int,
                preset_name: str, rounds: int, seed: int) -> List[str]:
     """``mlx-elm bench kv``: validate, build the model, run with a progress bar, return the lines to print."""
-    from tqdm import tqdm
-
-    from mlx_elm.kv.registry import options
-
     options("snapkv", capacity=capacity, window=window, bits=bits)
     t0 = time.time()
     model = random_openelm(preset_name, seed)

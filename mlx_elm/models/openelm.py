@@ -12,6 +12,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import (
     BaseModelArgs,
@@ -118,8 +119,10 @@ def _as_list(x) -> Union[float, List[float]]:
 def _layer_multipliers(spec, num_layers: int) -> List[float]:
     """Per-layer multipliers: a scalar, a (start, end) pair interpolated linearly, or a full list.
 
-    The pair is rounded to two decimals per layer, exactly as corenet does, which is what makes
-    e.g. layers 13 and 14 of OpenELM-1.1B share one FFN width.
+    The pair goes through ``np.linspace`` and each value is rounded to two decimals as a NumPy
+    float64, as corenet and the HF config do: NumPy rounds the scaled value half to even, which
+    differs from Python's ``round`` on a float for some layer counts (e.g. 21 layers). The rounding
+    is what makes e.g. layers 13 and 14 of OpenELM-1.1B share one FFN width.
     """
     if isinstance(spec, (int, float)):
         return [float(spec)] * num_layers
@@ -127,11 +130,7 @@ def _layer_multipliers(spec, num_layers: int) -> List[float]:
     if len(spec) == num_layers:
         return spec
     if len(spec) == 2:
-        start, end = spec
-        if num_layers == 1:
-            return [round(start, 2)]
-        step = (end - start) / (num_layers - 1)
-        return [round(start + i * step, 2) for i in range(num_layers)]
+        return [float(round(v, 2)) for v in np.linspace(spec[0], spec[1], num=num_layers, dtype=float)]
     raise ValueError(
         f"multipliers {spec} must be a number, a (start, end) pair, or one value per layer "
         f"({num_layers})."

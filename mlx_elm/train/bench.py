@@ -14,6 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List
 
+from mlx_elm.errors import MlxElmError
+from mlx_elm.loading import load_model, resolve_model_path
+from mlx_elm.model_folder import write_model_folder, write_random_model
+from mlx_elm.train.tiny import train_tiny_spm, write_text_data
+
+BENCH_MODELS = ("smollm2", "openelm-270m")
 
 
 @dataclass
@@ -27,10 +33,8 @@ class BenchRun:
 def make_bench_model(kind: str, out_dir: Path) -> Path:
     """``openelm-270m``: the 270M geometry with random float32 weights and a tiny tokenizer;
     ``smollm2``: the embedded SmolLM2-135M-Instruct as dense float32 (a fair CPU comparison)."""
-    from mlx_elm.loading import load_model, resolve_model_path
-    from mlx_elm.model_folder import write_model_folder, write_random_model
-    from mlx_elm.train.tiny import train_tiny_spm
-
+    if kind not in BENCH_MODELS:
+        raise MlxElmError(f"unknown --model {kind!r} for bench lora; choose {' or '.join(BENCH_MODELS)}")
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
@@ -96,8 +100,6 @@ def run_mlx_lm(model: Path, data: Path, iters: int, batch_size: int, rank: int, 
 def compare(kind: str, work: Path, iters: int = 5, batch_size: int = 2, rank: int = 8, max_seq: int = 64,
             repeats: int = 1) -> dict:
     """Alternate the two tools ``repeats`` times; returns the runs and the throughput ratio."""
-    from mlx_elm.train.tiny import write_text_data
-
     work = Path(work)
     model = make_bench_model(kind, work / kind)
     data = write_text_data(work / "data", n_train=32, n_valid=4, words=40)

@@ -15,6 +15,7 @@ slice of every global batch.
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
@@ -46,23 +47,76 @@ class TokenizedSplit:
         return sum(len(e.tokens) for e in self.examples)
 
 
+MAX_LINE_BYTES = 4 * 2**20  # one record; longer text is truncated to --max-seq-length tokens anyway
+
+
+def _strings(obj) -> Iterator[str]:
+    """Every string inside a parsed JSON value (keys included), without recursion."""
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+
+
+def _parse_line(raw: bytes, where: str) -> dict:
+    """One JSONL line to a record, or a one-line ``TrainingError`` naming ``where`` (file:line)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainingError(f"{where}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not UTF-8; "
+                            "save the file as UTF-8") from e
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TrainingError(f"{where}: invalid JSON ({e.msg}); {SHAPE_HINT}") from e
+    except RecursionError as e:
+        raise TrainingError(f"{where}: JSON nested too deeply; {SHAPE_HINT}") from e
+    except ValueError as e:  # an integer with more digits than Python converts (thousands)
+        raise TrainingError(f"{where}: a number too long to read; {SHAPE_HINT}") from e
+    if not isinstance(obj, dict) or record_shape(obj) is None:
+        raise TrainingError(f"{where}: {SHAPE_HINT}")
+    for piece in _strings(obj):
+        try:
+            piece.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TrainingError(f"{where}: the text holds an unpaired surrogate (\\u{ord(piece[e.start]):04x}), "
+                                "which is not a character; fix the text") from e
+    problem = _check_record(obj)
+    if problem:
+        raise TrainingError(f"{where}: {problem}")
+    return obj
+
+
 def read_jsonl(path: Path) -> List[dict]:
-    """Parse a JSONL file, failing with the file and line number of the first bad line."""
+    """Parse a JSONL file, failing with the file and line number of the first bad line.
+
+    Only regular files are read (a FIFO would block, a folder is a mistake), and each line is
+    bounded (``MAX_LINE_BYTES``) so a single huge line cannot take minutes and gigabytes.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise TrainingError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from e
+    if not stat.S_ISREG(mode):
+        raise TrainingError(f"{path} is not a regular file; --data must hold train.jsonl as a file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrainingError(f"{path.name} line {lineno}: invalid JSON ({e.msg}); {SHAPE_HINT}") from None
-            if not isinstance(obj, dict) or record_shape(obj) is None:
-                raise TrainingError(f"{path.name} line {lineno}: {SHAPE_HINT}")
-            problem = _check_record(obj)
-            if problem:
-                raise TrainingError(f"{path.name} line {lineno}: {problem}")
-            records.append(obj)
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(raw) > MAX_LINE_BYTES:
+                    raise TrainingError(f"{path.name} line {lineno} is longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                                        "split it into several records")
+                if raw.strip():
+                    records.append(_parse_line(raw, f"{path.name} line {lineno}"))
+    except OSError as e:
+        raise TrainingError(f"cannot read {path} ({e.strerror}); check the path and its permissions") from e
     return records
 
 

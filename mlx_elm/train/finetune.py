@@ -10,9 +10,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_elm.model_folder import count_parameters
-from mlx_elm.train.data import Dataset, load_dataset
-from mlx_elm.train.distributed import World, init_world
 from mlx_elm.adapters import (
     AdapterPlan,
     LoRAConfig,
@@ -22,6 +19,10 @@ from mlx_elm.adapters import (
     resolve_lora_config,
     save_adapters,
 )
+from mlx_elm.loading import load_with_info
+from mlx_elm.model_folder import count_parameters
+from mlx_elm.train.data import Dataset, load_dataset
+from mlx_elm.train.distributed import World, init_world
 from mlx_elm.train.loop import TrainConfig, TrainResult, train
 
 
@@ -72,8 +73,7 @@ def finetune_model(
             log(f"data-parallel over {world.size} processes (each reads 1/{world.size} of every batch)")
     config = adapter_config_dict(lora, plan, base_model, extra={
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "progress")}})
-    adapter_path = Path(adapter_path)
-    adapter_path.mkdir(parents=True, exist_ok=True)
+    adapter_path = Path(adapter_path)  # created by the first save, so a refused run leaves nothing
     fp = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "num_layers": plan.num_layers,
           "dora": lora.dora}
     result = train(model, data, cfg, adapter_path, lambda m: save_adapters(m, adapter_path, config),
@@ -102,8 +102,6 @@ def finetune(
     ``lora`` (or, on top of the model's defaults, ``lora_options``: rank, alpha, dropout, targets,
     num_layers, dora) places the adapters; ``cfg.learning_rate=None`` picks the model's default.
     """
-    from mlx_elm.loading import load_with_info
-
     world = init_world()
     model, tok, info = load_with_info(model_ref, tokenizer, representation="as-stored" if qlora else "auto")
     if qlora and not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):

@@ -7,10 +7,12 @@ from typing import Optional
 
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+from mlx_lm.utils import dequantize_model
 
+from mlx_elm.adapters import ADAPTER_TYPES, INPUT_ONLY_TYPES, load_adapters
 from mlx_elm.errors import TrainingError
-from mlx_elm.adapters import ADAPTER_TYPES, INPUT_ONLY_TYPES
-
+from mlx_elm.loading import load_model, resolve_model_path
+from mlx_elm.model_folder import write_model_folder
 
 TIE_FLAGS = ("share_input_output_layers", "tie_word_embeddings")  # OpenELM, mlx-lm models
 
@@ -68,12 +70,6 @@ def fuse_to_folder(
     The base is loaded as stored (quantized stays quantized unless ``dequantize``);
     ``quantize_bits`` re-quantizes the fused model.
     """
-    from mlx_lm.utils import dequantize_model
-
-    from mlx_elm.adapters import load_adapters
-    from mlx_elm.loading import load_model, resolve_model_path
-    from mlx_elm.model_folder import write_model_folder
-
     base = resolve_model_path(model_ref)
     model, config, _ = load_model(base, representation="as-stored")
     load_adapters(model, adapter_path)

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from tqdm import tqdm
 
 from mlx_elm.errors import TrainingError
 from mlx_elm.train import checkpoint as ckpt
@@ -260,7 +261,7 @@ def train(
     state = ckpt.TrainState(seed=cfg.seed, fingerprint=fp)
     optimizer.init(model.trainable_parameters())
     if cfg.resume:
-        state = _restore(model, optimizer, out_dir, fp)
+        state = _restore(model, optimizer, out_dir, fp, log)
     if cfg.grad_checkpoint:
         enable_grad_checkpoint(model)
     model.train()
@@ -271,8 +272,6 @@ def train(
     main = world.is_main
     bar = None
     if cfg.progress and main:
-        from tqdm import tqdm
-
         bar = tqdm(total=total, initial=state.step, unit="step", dynamic_ncols=True, leave=True)
     mx.reset_peak_memory()
     t_train = 0.0
@@ -346,17 +345,14 @@ def train(
     return result
 
 
-def _restore(model: nn.Module, optimizer, out_dir: Path, fingerprint: dict) -> ckpt.TrainState:
-    path = ckpt.latest_checkpoint(out_dir)
-    if path is None:
-        raise TrainingError(f"--resume: no checkpoint under {out_dir}/{ckpt.CHECKPOINT_DIR}; run without --resume")
-    state, weights, opt_tree = ckpt.load_checkpoint(path)
+def _restore(model: nn.Module, optimizer, out_dir: Path, fingerprint: dict, log=print) -> ckpt.TrainState:
+    path, (state, weights, opt_tree) = ckpt.load_latest_good(out_dir, log)
     for k, v in fingerprint.items():
         if k in state.fingerprint and state.fingerprint[k] != v:
             raise TrainingError(f"--resume: {k} was {state.fingerprint[k]!r} in {path.name} but is now {v!r}; "
                                 "use the original settings or start a new --adapter-path")
     params = dict(tree_flatten(model.trainable_parameters()))
-    if set(params) != set(weights):
+    if set(params) != set(weights) or any(params[k].shape != weights[k].shape for k in params):
         raise TrainingError(f"--resume: {path} holds different trainable weights than this run "
                             "(other targets, rank or model?); use the original settings")
     model.load_weights(list(weights.items()), strict=False)

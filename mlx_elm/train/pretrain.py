@@ -15,7 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_elm.errors import TrainingError
+from mlx_elm.loading import get_model_classes
 from mlx_elm.model_folder import count_parameters, update_model_files
+from mlx_elm.models.openelm import preset
+from mlx_elm.tokenizers import has_tokenizer, install_tokenizer, load_tokenizer
 from mlx_elm.train.data import load_dataset
 from mlx_elm.train.distributed import init_world
 from mlx_elm.train.loop import TrainConfig, TrainResult, train
@@ -24,8 +27,6 @@ from mlx_elm.train.loop import TrainConfig, TrainResult, train
 def resolve_config(spec: dict) -> dict:
     """A full model config from a config.json dict or a ``preset`` + ``overrides`` dict."""
     if "preset" in spec:
-        from mlx_elm.models.openelm import preset
-
         try:
             return preset(spec["preset"], **spec.get("overrides", {})).to_dict()
         except (ValueError, TypeError) as e:
@@ -38,8 +39,6 @@ def resolve_config(spec: dict) -> dict:
 
 def build_model(config: dict, seed: int = 0) -> Tuple[nn.Module, dict]:
     """A freshly initialised model for ``config`` (same weights on every process for one seed)."""
-    from mlx_elm.loading import get_model_classes
-
     try:
         model_cls, args_cls = get_model_classes(config)
         args = args_cls.from_dict(config)
@@ -61,8 +60,6 @@ def pretrain(
     log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train a new model described by ``config_path`` on the text in ``data_dir``."""
-    from mlx_elm.tokenizers import has_tokenizer, install_tokenizer, load_tokenizer
-
     cfg = cfg or TrainConfig(learning_rate=1e-3)
     world = init_world()
     try:

@@ -6,6 +6,10 @@ import json
 import random
 from pathlib import Path
 
+import sentencepiece as spm
+
+from mlx_elm.model_folder import write_random_model
+from mlx_elm.models.openelm import ModelArgs
 
 TINY_OPENELM = dict(num_transformer_layers=4, model_dim=128, head_dim=32, vocab_size=512, ffn_dim_divisor=32,
                     max_context_length=256)
@@ -15,8 +19,6 @@ WORDS = ("the sky is blue because light from the sun scatters in the air and wat
 
 def train_tiny_spm(out_dir: Path, vocab_size: int = 320, seed: int = 0) -> Path:
     """A tiny SentencePiece BPE model (Llama-style ids: unk 0, bos 1, eos 2)."""
-    import sentencepiece as spm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -31,9 +33,6 @@ def train_tiny_spm(out_dir: Path, vocab_size: int = 320, seed: int = 0) -> Path:
 
 def make_tiny_openelm(out_dir: Path, tokenizer_model: Path, seed: int = 0, **overrides) -> Path:
     """A random tiny OpenELM model folder (config.json, model.safetensors, tokenizer)."""
-    from mlx_elm.model_folder import write_random_model
-    from mlx_elm.models.openelm import ModelArgs
-
     return write_random_model(ModelArgs(**dict(TINY_OPENELM, **overrides)), "float32", out_dir, seed,
                               tokenizer=str(tokenizer_model))
 
