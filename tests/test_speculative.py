@@ -31,13 +31,9 @@ POLICIES = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny OpenELM with the tiny SentencePiece tokenizer (loaded like a user's folder)."""
-    from mlx_elm.train.tiny import train_tiny_spm
-
-    root = tmp_path_factory.mktemp("spec")
-    folder = save_mlx_folder(random_model(tiny_args(), seed=21), root / "m", train_tiny_spm(root / "spm"))
-    model, tok, _ = mlx_elm.load_with_info(str(folder))
+def tiny(tiny_openelm_folder):
+    """The suite's tiny OpenELM with the tiny SentencePiece tokenizer, loaded like a user's folder."""
+    model, tok, _ = mlx_elm.load_with_info(str(tiny_openelm_folder))
     return model, tok
 
 
@@ -56,12 +52,13 @@ def drafts(target):
     """A draft that often agrees (the target's weights, perturbed) and one that rarely does."""
     from mlx.utils import tree_flatten
 
-    close = random_model(tiny_args(), seed=21)
+    close = random_model(target.args, seed=0)
     close.load_weights([(k, mx.array(v)) for k, v in tree_flatten(target.parameters())])
     rng = np.random.default_rng(5)
     close.load_weights([(k, v + mx.array(rng.normal(0, 1e-4, v.shape).astype(np.float32)))
                         for k, v in tree_flatten(close.parameters())])
-    return {"close": close, "other": random_model(tiny_args(num_transformer_layers=2), seed=22)}
+    other = random_model(tiny_args(num_transformer_layers=2, max_context_length=1024), seed=22)
+    return {"close": close, "other": other}
 
 
 def run_tokens(model, tok, prompt, max_tokens, policy, options=None, **draft):
@@ -150,14 +147,13 @@ def test_cache_holds_only_what_the_consumer_saw(target):
 
 # --- chat ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy", ["full", "snapkv", "streaming"])
-def test_chat_keeps_its_cache_and_replies_as_plain_chat(tmp_path, spm_model_path, policy):
-    folder = save_mlx_folder(random_model(tiny_args(), seed=31), tmp_path / "m", spm_model_path)
-    model, tok, info = mlx_elm.load_with_info(str(folder))
+def test_chat_keeps_its_cache_and_replies_as_plain_chat(tiny_openelm_folder, policy):
+    model, tok, info = mlx_elm.load_with_info(str(tiny_openelm_folder))
     kv_options = kv.KVOptions(**POLICIES[policy]).validate() if policy != "full" else None
     options = SamplingOptions(max_tokens=12)
     plain = ChatSession(model, tok, info.config, options, kv_options=kv_options)
     spec = ChatSession(model, tok, info.config, options, kv_options=kv_options, draft="lookup")
-    document = "the sky is blue because light from the sun scatters in the air " * 3
+    document = "the sky is blue because light from the sun scatters in the air " * 5
     for message in (document + "why is the sky blue", "and the water of a river", "the sky is blue"):
         assert "".join(spec.send(message)) == "".join(plain.send(message))
         # plain decoding has already fed its last token; speculative decoding stops one short
@@ -338,13 +334,14 @@ def test_api_takes_mlx_lm_keywords(target, tok, drafts):
         assert any(r.from_draft for r in responses)
 
 
-@pytest.fixture
-def folders(tmp_path, spm_model_path):
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, spm_model_path, tiny_openelm_folder):
     from mlx_elm.train.tiny import train_tiny_spm
 
+    tmp_path = tmp_path_factory.mktemp("spec-folders")
     other_spm = train_tiny_spm(tmp_path / "spm2", vocab_size=300)
     return {
-        "target": save_mlx_folder(random_model(tiny_args(), seed=41), tmp_path / "target", spm_model_path),
+        "target": tiny_openelm_folder,
         "draft": save_mlx_folder(random_model(tiny_args(num_transformer_layers=2), seed=42), tmp_path / "draft",
                                  spm_model_path),
         "other-tokenizer": save_mlx_folder(random_model(tiny_args(), seed=43), tmp_path / "other-tok", other_spm),

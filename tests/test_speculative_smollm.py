@@ -7,7 +7,6 @@ import functools
 
 import pytest
 
-import mlx_elm
 from mlx_elm import kv
 from mlx_elm.chat import ChatSession
 from mlx_elm.generation import GenerationStats, SamplingOptions, build_prompt, stream_tokens
@@ -25,8 +24,8 @@ TOKENS = 20
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    model, tok, info = mlx_elm.load_with_info()
+def smollm(embedded):
+    model, tok, info = embedded
     return model, tok, info.config
 
 
