@@ -287,7 +287,7 @@ def stream_generate(
     ``draft_model`` makes decoding speculative (same greedy tokens, same sampling distribution):
     ``"lookup"`` (prompt lookup, no second model), a draft model with the target's tokenizer (a
     loaded model or a reference), or a ``mlx_elm.speculative`` proposer; ``num_draft_tokens`` caps
-    the tokens proposed per verification (mlx-lm's name; default 10 for lookup, 3 for a model).
+    the tokens proposed per verification (mlx-lm's name; default 16 for lookup, 3 for a model).
     Each response's ``from_draft`` says whether its token was a proposal the target accepted.
     """
     options = SamplingOptions(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)

@@ -93,7 +93,7 @@ Draft = Annotated[Optional[str], typer.Option(
 DraftModel = Annotated[Optional[str], typer.Option("--draft-model", help="A draft model (mlx-lm's name for --draft MODEL).")]
 NumDraft = Annotated[Optional[int], typer.Option(
     "--num-draft", "--num-draft-tokens",
-    help="Most tokens proposed per verification, in [1, 64] (default: 10 for lookup, which adapts below it; 3 for a model).")]
+    help="Most tokens proposed per verification, in [1, 64] (default: 16 for lookup, which adapts below it; 3 for a model).")]
 
 # --- training --------------------------------------------------------------------------------
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Examples per batch (>= 1).")]

@@ -33,7 +33,7 @@ from mlx_elm.speculative.verify import Verdict, verify
 
 LOOKUP = "lookup"
 MAX_DRAFT = 64
-DEFAULT_NUM_DRAFT = {"lookup": 10, "model": 3}
+DEFAULT_NUM_DRAFT = {"lookup": 16, "model": 3}
 
 DraftSpec = Union[None, str, nn.Module, Proposer]
 

@@ -67,7 +67,8 @@ class TaskResult:
         return total
 
 
-def _plain(model, caches, logits, max_tokens: int, eos: set) -> Run:
+def plain_run(model, caches, logits, max_tokens: int, eos: set) -> Run:
+    """Greedy plain decoding (mlx-lm's ``generate_step``) from a prefilled cache and its last logits."""
     y = int(mx.argmax(logits, axis=-1).item())
     tokens = [y]
     tic = time.perf_counter()
@@ -80,7 +81,8 @@ def _plain(model, caches, logits, max_tokens: int, eos: set) -> Run:
     return Run("plain", tokens, time.perf_counter() - tic)
 
 
-def _speculative(model, caches, logits, prompt, proposer, rule, max_tokens: int, num_draft: int, eos: set) -> Run:
+def speculative_run(model, caches, logits, prompt, proposer, rule, max_tokens: int, num_draft: int, eos: set) -> Run:
+    """Speculative decoding from the same state (``prompt`` is what the cache holds)."""
     stats = SpeculativeStats()
     tokens, tic = [], None
     steps = speculative_decode(model, caches, logits, prompt, proposer, rule, max_tokens, num_draft, stats=stats)
@@ -108,12 +110,12 @@ def run(model, tokenizer, tasks: Sequence[Task], draft, num_draft: Optional[int]
     eos = set(getattr(tokenizer, "eos_token_ids", ()) or ())
     limit = context_length(config or {})
     proposer, k = make_proposer(draft, model, tokenizer, rule, num_draft)  # a draft model is loaded once
-    window = max(o.window for o in policies)
+    window = max([o.window for o in policies if o.policy == "snapkv"] or [1])  # only SnapKV reads window queries
     results = []
     for task in tasks:
         prompt = build_prompt(tokenizer, task.prompt)
         budget = gen_tokens if limit is None else max(1, min(gen_tokens, limit - len(prompt)))
-        pre = kv.prefill(model, prompt, window=window)
+        pre = kv.prefill(model, prompt, window=min(window, len(prompt) - 1))
         mx.eval(pre.logits)
         for options in policies:
             result = TaskResult(task, len(prompt), policy_label(options))
@@ -123,11 +125,11 @@ def run(model, tokenizer, tasks: Sequence[Task], draft, num_draft: Optional[int]
                 for mode in order:
                     caches = pre.caches(model, options.policy, **extra)
                     if mode == "plain":
-                        result.plain.append(_plain(model, caches, pre.logits, budget, eos))
+                        result.plain.append(plain_run(model, caches, pre.logits, budget, eos))
                     else:
                         if proposer.kind == "lookup":  # it learns acceptance rates: every run starts afresh
                             proposer, k = make_proposer(draft, model, tokenizer, rule, num_draft)
-                        result.speculative.append(_speculative(model, caches, pre.logits, prompt, proposer, rule,
+                        result.speculative.append(speculative_run(model, caches, pre.logits, prompt, proposer, rule,
                                                                budget, k, eos))
                     del caches
                     mx.clear_cache()

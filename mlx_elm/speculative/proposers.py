@@ -113,24 +113,33 @@ class LookupProposer:
                     self.index[n][tuple(tokens[p - n: p])] = p
         self._indexed = max(self._indexed, len(tokens))
 
-    def match(self) -> Tuple[Optional[int], List[int]]:
-        """(order, continuation) of the longest recent match of the history's suffix."""
+    def match(self, max_len: int) -> Tuple[Optional[int], List[int]]:
+        """(order, up to ``max_len`` continuation tokens) of the longest recent match of the suffix.
+
+        A match that overlaps the suffix itself (a repeating pattern, e.g. a model stuck in a loop)
+        is continued as an overlapping copy, LZ77-style: the pattern keeps repeating.
+        """
         tokens = self.tokens
+        L = len(tokens)
         for n in self.orders:
-            if len(tokens) > n:
+            if L > n:
                 p = self.index[n].get(tuple(tokens[-n:]))
                 if p is not None:
-                    return n, tokens[p:]
+                    out: List[int] = []
+                    for i in range(max_len):
+                        j = p + i
+                        out.append(tokens[j] if j < L else out[j - L])
+                    return n, out
         return None, []
 
     def propose(self, history: Sequence[int], max_len: int) -> Draft:
         self._extend(history)
         self._score_shadow()
-        order, continuation = self.match()
         self._last_order = None
+        order, continuation = self.match(max(max_len, 1))
         if order is None or max_len <= 0:
             return empty_draft()
-        k = min(max_len, len(continuation))
+        k = len(continuation)
         if self.adaptive:
             k = min(k, best_length(self.estimates[order].alpha, max_len, self.cost_per_token))
         if k == 0:
