@@ -386,3 +386,52 @@ def test_cli_lookup_with_an_empty_prompt_is_one_line(cli, folders):
 def test_cli_refuses_a_draft_of_another_vocabulary(cli, folders, which, needle):
     result = cli("generate", "hi there", "--model", folders["target"], "--draft", folders[which])
     assert result.code == 1 and len(result.error_lines) == 1 and needle in result.error_lines[0], result.stderr
+
+
+# --- bench and example -----------------------------------------------------------------------------------------
+def test_bench_compares_plain_and_speculative_from_one_prefill(target, tok):
+    from mlx_elm.speculative import bench
+    from mlx_elm.speculative.tasks import Task
+
+    tasks = [Task("copy", "grounded", "quote", "the sky is blue because the sky is blue because the sky", "test"),
+             Task("free", "chat", "chat", "tell me about the river", "test")]
+    snap = kv.KVOptions(policy="snapkv", capacity=16, window=4).validate()
+    results = bench.run(target, tok, tasks, "lookup", None, gen_tokens=12, rounds=2, policies=[kv.KVOptions(), snap])
+    assert [(r.task.id, r.policy) for r in results] == [("copy", "full"), ("copy", "snapkv C=16 W=4 kernel=7 pool=max"),
+                                                        ("free", "full"), ("free", "snapkv C=16 W=4 kernel=7 pool=max")]
+    assert all(r.identical and len(r.plain) == len(r.speculative) == 2 for r in results)
+    summary = bench.summarize(results)
+    assert set(summary) == {("grounded", "full"), ("grounded", results[1].policy), ("chat", "full"),
+                            ("chat", results[1].policy)}
+    assert all(s["identical"] == s["tasks"] == 1 and s["plain_tps"] > 0 for s in summary.values())
+    rows = bench.table(results)
+    assert len(rows) == 2 + 4 + 4 and "| copy | grounded | full |" in rows[2]
+
+
+def test_cli_bench_generate_with_a_draft(cli, folders, tmp_path):
+    import json
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t", "kind": "grounded", "task": "quote", "prompt": "the sky is blue " * 6,
+                                 "source": "test"}) + "\n")
+    result = cli("bench", "generate", "--model", folders["target"], "--draft", "lookup", "--tasks-file", tasks,
+                 "--gen-tokens", "8", "--kv-policy", "streaming", "--kv-capacity", "16", "--with-full")
+    assert result.code == 0, result.stderr
+    assert "| t | grounded | full |" in result.stdout and "| t | grounded | streaming C=16 sinks=4 |" in result.stdout
+    assert "speed-up under streaming C=16 sinks=4 is" in result.stdout and "identical 1/1" in result.stdout
+
+
+def test_replay_example_fast_mode(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import speculative_replay
+    finally:
+        sys.path.pop(0)
+    results = speculative_replay.main(["--fast", "--betas", "0.1"])
+    for (kind, beta), (adaptive, fixed, ngram, oracle) in results.items():
+        assert oracle[0] == fixed[0] and oracle[1] >= fixed[1]  # same proposals, paying only for accepted ones
+        assert adaptive[0] >= 1 and ngram[0] >= 1
+    assert "| grounded (1) | 0.1 |" in capsys.readouterr().out
