@@ -435,3 +435,13 @@ def test_replay_example_fast_mode(capsys):
         assert oracle[0] == fixed[0] and oracle[1] >= fixed[1]  # same proposals, paying only for accepted ones
         assert adaptive[0] >= 1 and ngram[0] >= 1
     assert "| grounded (1) | 0.1 |" in capsys.readouterr().out
+
+
+def test_cli_draft_without_a_tokenizer_borrows_the_targets(cli, folders, spm_model_path, tmp_path):
+    """OpenELM repos ship no tokenizer: --tokenizer then serves the draft too (and is still checked)."""
+    bare = save_mlx_folder(random_model(tiny_args(num_transformer_layers=2), seed=45), tmp_path / "bare")
+    base = ["generate", "the sky is blue", "--model", folders["target"], "--max-tokens", "6", "--draft", bare]
+    refused = cli(*base)
+    assert refused.code == 1 and len(refused.error_lines) == 1 and "--tokenizer" in refused.error_lines[0]
+    result = cli(*base, "--tokenizer", spm_model_path)
+    assert result.code == 0, result.stderr

@@ -28,6 +28,7 @@ def generate(
     vs: Annotated[Optional[str], typer.Option("--vs", help="Peer to compare with: mlx-lm.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Weights dtype for random: models (float32, bfloat16, float16).")] = "float32",
     representation: O.Weights = "auto",
+    tokenizer: O.Tokenizer = None,
     draft: O.Draft = None,
     num_draft: O.NumDraft = None,
     tasks: Annotated[str, typer.Option(
@@ -52,11 +53,11 @@ def generate(
     whether the outputs are identical.
     """
     if draft is not None:
-        _bench_speculative(model, gen_tokens, runs or 1, representation, draft, num_draft, tasks, tasks_file,
-                           kv_policy, kv_capacity, kv_window, kv_bits, with_full)
+        _bench_speculative(model, tokenizer, gen_tokens, runs or 1, representation, draft, num_draft, tasks,
+                           tasks_file, kv_policy, kv_capacity, kv_window, kv_bits, with_full)
         return
-    if num_draft is not None or tasks_file is not None:
-        raise typer.BadParameter("--num-draft and --tasks-file need --draft lookup or --draft MODEL")
+    if num_draft is not None or tasks_file is not None or tokenizer is not None:
+        raise typer.BadParameter("--num-draft, --tasks-file and --tokenizer need --draft lookup or --draft MODEL")
     from tqdm import tqdm
 
     from mlx_elm.bench import bench_generate, format_table
@@ -71,25 +72,30 @@ def generate(
         typer.echo(row)
 
 
-def _bench_speculative(model, gen_tokens, rounds, representation, draft, num_draft, kinds, tasks_file,
+def _bench_speculative(model, tokenizer, gen_tokens, rounds, representation, draft, num_draft, kinds, tasks_file,
                        kv_policy, kv_capacity, kv_window, kv_bits, with_full) -> None:
     import mlx.core as mx
     from tqdm import tqdm
 
     from mlx_elm import kv
     from mlx_elm.loading import load_with_info
-    from mlx_elm.speculative import bench, check_num_draft
+    from mlx_elm.generation import SamplingOptions
+    from mlx_elm.speculative import SamplingRule, bench, check_num_draft, make_proposer
     from mlx_elm.speculative.tasks import load_tasks
 
     kv_options = kv.KVOptions(policy=kv_policy, capacity=kv_capacity, window=kv_window, bits=kv_bits).validate()
     policies = [kv.KVOptions()] * (with_full and kv_options != kv.KVOptions()) + [kv_options]
     check_num_draft(num_draft, "lookup" if draft == "lookup" else "model")
     task_list = load_tasks(tasks_file, [k.strip() for k in kinds.split(",") if k.strip()])
-    model_obj, tok, info = load_with_info(model, representation=representation)
+    model_obj, tok, info = load_with_info(model, tokenizer, representation=representation)
+    name = draft
+    if draft != "lookup":  # load the draft once, with the target's tokenizer if it ships none
+        draft, num_draft = make_proposer(draft, model_obj, tok, SamplingRule(SamplingOptions()), num_draft,
+                                         representation, tokenizer_ref=tokenizer)
     with tqdm(total=len(task_list) * 2 * rounds * len(policies), desc="plain / speculative runs", leave=False) as bar:
         results = bench.run(model_obj, tok, task_list, draft, num_draft, gen_tokens, rounds, policies, info.config,
                             progress=lambda _: bar.update())
-    typer.echo(f"model {model or 'default'} ({info.representation}), draft {draft}, greedy, up to {gen_tokens} "
+    typer.echo(f"model {model or 'default'} ({info.representation}), draft {name}, greedy, up to {gen_tokens} "
                f"tokens, {rounds} round(s), plain and speculative alternating from one prefill per task")
     for row in bench.table(results):
         typer.echo(row)

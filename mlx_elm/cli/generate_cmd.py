@@ -95,7 +95,11 @@ def generate(
     tokens = build_prompt(tok, prompt, system, chat_template)
     stats = GenerationStats()
     caches = kv.make_cache(model_obj, **vars(kv_options))
-    drafting = {} if draft is None else dict(draft=draft, num_draft=num_draft)
+    drafting = {}
+    if draft is not None:
+        proposer, num_draft = speculative.make_proposer(draft, model_obj, tok, speculative.SamplingRule(options),
+                                                        num_draft, representation, tokenizer_ref=tokenizer)
+        drafting = dict(draft=proposer, num_draft=num_draft)
     for text in stream_tokens(model_obj, tok, tokens, options, info.config, prompt_cache=caches, stats=stats,
                               **drafting):
         typer.echo(text, nl=False)
@@ -137,6 +141,7 @@ def chat(
     later turns append to the compressed cache. With --draft every turn decodes speculatively
     (prompt lookup searches the whole conversation).
     """
+    from mlx_elm import speculative
     from mlx_elm.chat import ChatSession
     from mlx_elm.loading import load_with_info
 
@@ -146,6 +151,9 @@ def chat(
     model_obj, tok, info = load_with_info(model, tokenizer, representation=representation, adapter_path=adapter)
     if verbose:
         _echo_err(info.describe())
+    if draft is not None:
+        draft, num_draft = speculative.make_proposer(draft, model_obj, tok, speculative.SamplingRule(options),
+                                                     num_draft, representation, tokenizer_ref=tokenizer)
     session = ChatSession(model_obj, tok, info.config, options, system=system, kv_options=kv_options,
                           draft=draft, num_draft=num_draft)
     _echo_err("Type a message; /reset starts over, /exit (or Ctrl-D) quits.")

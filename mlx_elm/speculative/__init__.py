@@ -23,7 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_elm.errors import SpeculativeError
-from mlx_elm.loading import load_with_info
+from mlx_elm.loading import load_with_info, resolve_model_path
+from mlx_elm.tokenizers import has_tokenizer
 from mlx_elm.speculative.adaptive import AcceptanceEstimate, best_length, expected_tokens
 from mlx_elm.speculative.distribution import SamplingRule, sampler_filters
 from mlx_elm.speculative.loop import (SpeculativeStats, prefill, speculative_decode, speculative_generate_step,
@@ -88,15 +89,21 @@ def check_vocabularies(target: nn.Module, draft: nn.Module, target_tokenizer=Non
 
 
 def make_proposer(draft: DraftSpec, model: nn.Module, tokenizer, rule: SamplingRule,
-                  num_draft: Optional[int] = None, representation: str = "auto") -> Tuple[Proposer, int]:
+                  num_draft: Optional[int] = None, representation: str = "auto",
+                  tokenizer_ref: Optional[str] = None) -> Tuple[Proposer, int]:
     """A proposer and its proposal cap K for ``draft``: ``"lookup"``, a model reference (folder, Hub
-    id, alias; loaded with its tokenizer), a loaded model, or a ready :class:`Proposer`."""
+    id, alias; loaded with its own tokenizer, or with ``tokenizer_ref`` — the target's
+    ``--tokenizer`` — when it ships none, as OpenELM repos do), a loaded model, or a ready
+    :class:`Proposer`."""
     if isinstance(draft, str):
         if not draft.strip():
             raise SpeculativeError("--draft is empty; pass lookup or a draft model (folder, Hub id, alias)")
         if draft == LOOKUP:
             return LookupProposer(), check_num_draft(num_draft, "lookup")
-        draft_model, draft_tok, _ = load_with_info(draft, representation=representation)
+        path = resolve_model_path(draft)
+        own = has_tokenizer(path) or tokenizer_ref is None
+        draft_model, draft_tok, _ = load_with_info(str(path), None if own else tokenizer_ref,
+                                                   representation=representation)
         check_vocabularies(model, draft_model, tokenizer, draft_tok, name=f"draft model {draft}")
         return DraftModelProposer(draft_model, rule), check_num_draft(num_draft, "model")
     if isinstance(draft, nn.Module):
