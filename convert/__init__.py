@@ -203,3 +203,13 @@ def _install_tokenizer(tokenizer: str | Path, folder: Path) -> None:
 
 
 __all__ = ["ConversionReport", "convert", "open_source", "DTYPES"]
+
+
+def convert_hifigan(checkpoint: str | Path, config: str | Path, out: str | Path) -> Path:
+    """A public PyTorch HiFi-GAN generator -> an MLX vocoder folder (see ``convert/hifigan.py``).
+
+    Imported on call so converting language models never loads the speech package.
+    """
+    from convert.hifigan import convert_hifigan as run
+
+    return run(checkpoint, config, out)

@@ -46,3 +46,7 @@ class NgramError(MlxElmError):
 
 class SpeculativeError(GenerationError):
     """A draft that cannot serve the target model (another vocabulary, bad K, no prompt to look up)."""
+
+
+class SpeechError(MlxElmError):
+    """Invalid text, prompt audio, speech model, corpus or speech-training options."""

@@ -232,6 +232,38 @@ def doctor() -> DoctorReport:
     )
 
 
+ESPEAK_LIB_ENV = "MLX_ELM_ESPEAK_LIBRARY"
+ESPEAK_DATA_ENV = "MLX_ELM_ESPEAK_DATA"
+
+
+def espeak_paths() -> tuple[str, str]:
+    """``(shared library, data folder)`` of eSpeak NG, from the ``espeakng-loader`` wheel.
+
+    The wheel ships ``libespeak-ng`` (``.so`` on Linux, ``.dylib`` on macOS) and its voice data, so
+    neither apt nor brew is needed. ``MLX_ELM_ESPEAK_LIBRARY`` / ``MLX_ELM_ESPEAK_DATA`` override
+    either path (a system install, a custom build). Raises ``SpeechError`` naming the fix.
+    """
+    from mlx_elm.errors import SpeechError
+
+    lib, data = os.environ.get(ESPEAK_LIB_ENV), os.environ.get(ESPEAK_DATA_ENV)
+    if not (lib and data):
+        try:
+            import espeakng_loader
+        except ImportError as e:
+            raise SpeechError("speech needs eSpeak NG; run `pip install espeakng-loader` "
+                              f"(or set {ESPEAK_LIB_ENV} and {ESPEAK_DATA_ENV})") from e
+        lib = lib or espeakng_loader.get_library_path()
+        try:
+            data = data or espeakng_loader.get_data_path()
+        except RuntimeError as e:
+            raise SpeechError(f"the espeakng-loader wheel has no voice data ({e}); reinstall it") from e
+    if not os.path.exists(lib):
+        raise SpeechError(f"eSpeak NG library {lib} does not exist; reinstall espeakng-loader or fix {ESPEAK_LIB_ENV}")
+    if not os.path.isdir(data):
+        raise SpeechError(f"eSpeak NG data folder {data} does not exist; reinstall espeakng-loader or fix {ESPEAK_DATA_ENV}")
+    return lib, data
+
+
 def cache_home() -> Path:
     """Where mlx-elm keeps converted models (``MLX_ELM_HOME`` overrides)."""
     root = os.environ.get("MLX_ELM_HOME")

@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "distributed_lora.py"
+LR = 1e-3
 
 
 def _example():
@@ -32,7 +33,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, spm_model_path)
 
     model = make_tiny_openelm(tmp_path / "model", spm_model_path)
     data = write_text_data(tmp_path / "data", n_train=32, n_valid=0, words=20)
-    shared = ["--model", str(model), "--data", str(data), "--iters", "3"]
+    shared = ["--model", str(model), "--data", str(data), "--iters", "3", "--learning-rate", str(LR)]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = ["mlx.launch", "-n", "2", "--backend", "ring", "--", sys.executable, str(EXAMPLE), "--out",
            str(tmp_path / "two"), *shared]
@@ -48,11 +49,14 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, spm_model_path)
     assert a.keys() == b.keys() and len(a) > 0
     moved = 0
     for k in a:
-        # summing in another order changes float32 gradients by ulps, which Adam's normalisation can
-        # blow up where a gradient is ~0: compare each tensor at its own scale
+        # Summing the gradient in another order changes it by float32 ulps; where a gradient is ~0,
+        # Adam's normalisation turns that into a whole step of the other sign, at most lr per step.
+        # So: nearly every element equal to 1e-6, and none further apart than 2 * lr * steps.
         x, y = np.array(a[k]), np.array(b[k])
-        assert np.abs(x - y).max() <= 1e-3 * max(np.abs(y).max(), 1e-6), k
-        moved += k.endswith("lora_b") and float(mx.abs(a[k]).max()) > 0
+        diff = np.abs(x - y)
+        assert diff.max() <= 2 * LR * 3 + 1e-6, k
+        assert np.mean(diff <= 1e-6) >= 0.99, k
+        moved += k.endswith("lora_b") and float(np.abs(x).max()) > 0
     assert moved > 0  # the adapters were trained, not left at their zero init
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
 
 @dataclass
@@ -43,13 +43,14 @@ def all_sum(tree, world: World):
     """
     if world.size == 1:
         return tree
-    leaves = tree_flatten(tree)
+    leaves = [v for _, v in tree_flatten(tree)]
     if not leaves:
         return tree
-    flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves])
+    flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for v in leaves])
     flat = mx.distributed.all_sum(flat, group=world.group)
-    out, offset = [], 0
-    for k, v in leaves:
-        out.append((k, flat[offset : offset + v.size].reshape(v.shape).astype(v.dtype)))
+    pieces, offset = [], 0
+    for v in leaves:
+        pieces.append(flat[offset: offset + v.size].reshape(v.shape).astype(v.dtype))
         offset += v.size
-    return tree_unflatten(out)
+    summed = iter(pieces)
+    return tree_map(lambda _: next(summed), tree)  # same structure, empty containers included
