@@ -59,8 +59,11 @@ def peak_memory_bytes() -> int:
 
 
 def open_source(source: str | Path, preset: Optional[str] = None, vocab_size: Optional[int] = None,
-                keep_padding: bool = False, revision: Optional[str] = None):
-    """Resolve SOURCE (Hub repo id, HF folder, or .pt/.bin/.safetensors file) to a ``Source``."""
+                keep_padding: bool = False, revision: Optional[str] = None, check_crc: bool = True):
+    """Resolve SOURCE (Hub repo id, HF folder, or .pt/.bin/.safetensors file) to a ``Source``.
+
+    ``check_crc`` checks the CRC-32 of every zip entry of a .pt/.bin before its bytes are used.
+    """
     from convert import corenet, hf, schema
     from convert.safetensors_reader import read_safetensors
     from convert.source import Source
@@ -68,21 +71,21 @@ def open_source(source: str | Path, preset: Optional[str] = None, vocab_size: Op
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        src = hf.read(path, text, preset)
+        src = hf.read(path, text, preset, check_crc=check_crc)
     elif path.is_file() and path.suffix == ".safetensors":
         base, lora = corenet.split_lora({k: v for k, v in read_safetensors(path).items() if not schema.is_ignorable(k)})
         args, geometry = schema.infer_args({k: v.shape for k, v in base.items()}, vocab_size, preset)
         src = Source(base, args, "safetensors state_dict", text, geometry=geometry, lora=lora)
     elif path.is_file():
-        src = corenet.read(path, preset, vocab_size=vocab_size, keep_padding=keep_padding)
+        src = corenet.read(path, preset, vocab_size=vocab_size, keep_padding=keep_padding, check_crc=check_crc)
     elif looks_like_repo_id(text):
-        src = hf.read(hf.download(text, revision), text, preset)
+        src = hf.read(hf.download(text, revision), text, preset, check_crc=check_crc)
         src.location = f"{text} (Hugging Face Hub)"
     else:
         raise ConversionError(f"{text} is neither a file, a folder, nor a Hub repo id (org/name).")
     if path.is_dir() or looks_like_repo_id(text):
         rows = src.tensors.get("transformer.token_embeddings.weight")
-        if rows is not None and rows.shape[0] > src.args.vocab_size and not keep_padding:
+        if rows is not None and len(rows.shape) == 2 and rows.shape[0] > src.args.vocab_size and not keep_padding:
             src.tensors, src.lora = corenet.trim_vocab(src.tensors, src.lora, src.args.vocab_size)
             src.notes.append(f"embedding trimmed from {rows.shape[0]} to {src.args.vocab_size} rows")
     return src
@@ -97,12 +100,13 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
             tokenizer: Optional[str | Path] = None, keep_padding: bool = False, vocab_size: Optional[int] = None,
             merge_lora: bool = True, lora_scale: float = 1.0, verify: bool = False, force: bool = False,
             force_float16: bool = False, max_shard_size: str | int = "2GB", revision: Optional[str] = None,
-            progress: bool = True, command: Optional[str] = None) -> ConversionReport:
+            progress: bool = True, command: Optional[str] = None, check_crc: bool = True) -> ConversionReport:
     """Convert one OpenELM checkpoint into an MLX folder that mlx_elm and mlx-lm both load.
 
     ``lora_scale`` is alpha / r of a corenet LoRA checkpoint (not stored in the file; corenet's
-    OpenELM recipe uses alpha = r = 32, hence 1.0). Raises ConversionError (one line) on any
-    problem, leaving nothing at ``out_dir``.
+    OpenELM recipe uses alpha = r = 32, hence 1.0). ``check_crc=False`` skips the CRC-32 check
+    of .pt/.bin zip entries (one pass over the file saved; a corrupt byte then goes unnoticed).
+    Raises ConversionError (one line) on any problem, leaving nothing at ``out_dir``.
     """
     import mlx.core as mx
     from tqdm import tqdm
@@ -125,7 +129,7 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
     if out.exists() and not force:
         raise ConversionError(f"{out} already exists; pass --force to replace it.")
 
-    src = open_source(source, preset, vocab_size, keep_padding, revision)
+    src = open_source(source, preset, vocab_size, keep_padding, revision, check_crc)
     if dtype == "float16" and _is_3b(src.args) and not force_float16:
         raise ConversionError("refusing float16 for OpenELM-3B: its activations overflow float16 (outputs become "
                               "<unk>/NaN); use --dtype bfloat16, or --force-float16 if you know better.")

@@ -15,6 +15,7 @@ from convert import schema
 from convert.safe_pickle import load_checkpoint
 from convert.source import LoraAdapter, Source
 from convert.tensors import LazyTensor
+from convert.untrusted import file_name, plain, quote
 from mlx_elm.errors import ConversionError
 
 CORENET_PADDED_VOCAB, OPENELM_VOCAB = 32128, 32000
@@ -34,10 +35,11 @@ def unwrap(obj: Any, path: Path) -> tuple[Dict[str, LazyTensor], str]:
                     obj, kind = inner, f"corenet training checkpoint ('{key}')"
                     break
     if not isinstance(obj, Mapping) or not obj:
-        raise ConversionError(f"{path.name} does not hold a state_dict (a dict of tensors); pass a model checkpoint.")
+        raise ConversionError(f"{file_name(path)} does not hold a state_dict (a dict of tensors); pass a model "
+                              "checkpoint.")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, LazyTensor)]
     if bad:
-        raise ConversionError(f"{path.name}: entry {str(bad[0])[:60]!r} is not a tensor; expected a flat state_dict "
+        raise ConversionError(f"{file_name(path)}: entry {quote(bad[0])} is not a tensor; expected a flat state_dict "
                               "or a training checkpoint with 'model_state_dict'.")
     sd = dict(obj)
     if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
@@ -66,7 +68,7 @@ def split_lora(sd: Dict[str, LazyTensor]) -> tuple[Dict[str, LazyTensor], Dict[s
             continue
         base[to_hf_name(name.replace(".base_layer.", "."))] = t
     if len(adapters_seen) > 1:
-        raise ConversionError(f"the checkpoint holds several LoRA adapters {sorted(adapters_seen)}; "
+        raise ConversionError(f"the checkpoint holds several LoRA adapters {quote(sorted(adapters_seen))}; "
                               "only single-adapter checkpoints are supported.")
     lora: Dict[str, LoraAdapter] = {}
     for mod, p in parts.items():
@@ -75,29 +77,32 @@ def split_lora(sd: Dict[str, LazyTensor]) -> tuple[Dict[str, LazyTensor], Dict[s
         elif "lora_embedding_A" in p and "lora_embedding_B" in p:
             lora[mod] = LoraAdapter("embedding", p["lora_embedding_A"], p["lora_embedding_B"])
         else:
-            raise ConversionError(f"LoRA adapter of {mod} is incomplete (has {sorted(p)}); the checkpoint is corrupt.")
+            raise ConversionError(f"LoRA adapter of {plain(mod)} is incomplete (has {sorted(p)}); the checkpoint is "
+                                  "corrupt.")
         if f"{mod}.weight" not in base:
-            raise ConversionError(f"LoRA adapter targets {mod}, which has no base weight in the checkpoint.")
+            raise ConversionError(f"LoRA adapter targets {plain(mod)}, which has no base weight in the checkpoint.")
         _check_lora_shapes(mod, lora[mod], base[f"{mod}.weight"].shape)
     return base, lora
 
 
 def _check_lora_shapes(mod: str, ad: LoraAdapter, w: tuple) -> None:
-    r = ad.rank
-    if ad.kind == "linear":
+    ok = len(ad.a.shape) == len(ad.b.shape) == len(w) == 2 and ad.a.shape[0] > 0
+    if ok and ad.kind == "linear":
+        r = ad.rank
         ok = ad.a.shape == (r, w[1]) and ad.b.shape == (w[0], r)
         ok = ok and (ad.magnitude is None or ad.magnitude.shape == (w[0],))
-    else:
+    elif ok:
+        r = ad.rank
         ok = ad.a.shape == (r, w[0]) and ad.b.shape == (w[1], r)
     if not ok:
-        raise ConversionError(f"LoRA adapter of {mod} has shapes A{ad.a.shape}/B{ad.b.shape} that do not fit "
-                              f"the base weight {w}; the checkpoint is corrupt.")
+        raise ConversionError(f"LoRA adapter of {plain(mod)} has shapes A{ad.a.shape}/B{ad.b.shape} that do not fit "
+                              f"the base weight {w} with a rank of at least 1; the checkpoint is corrupt.")
 
 
 def read(path: Path, preset: Optional[str] = None, vocab_size: Optional[int] = None,
-         keep_padding: bool = False) -> Source:
+         keep_padding: bool = False, check_crc: bool = True) -> Source:
     """A corenet (or HF-named) ``.pt``/``.bin`` file as a Source; the vocabulary padding is trimmed."""
-    sd, kind = unwrap(load_checkpoint(path), path)
+    sd, kind = unwrap(load_checkpoint(path, check_crc=check_crc), path)
     sd = {k: v for k, v in sd.items() if not schema.is_ignorable(k)}
     base, lora = split_lora(sd)
     if lora:
@@ -105,7 +110,10 @@ def read(path: Path, preset: Optional[str] = None, vocab_size: Optional[int] = N
         kind = f"{kind} + {'DoRA' if dora else 'LoRA'} adapter"
     emb = base.get("transformer.token_embeddings.weight")
     if emb is None:
-        raise ConversionError(f"{path.name} has no token_embeddings.weight; it is not an OpenELM checkpoint.")
+        raise ConversionError(f"{file_name(path)} has no token_embeddings.weight; it is not an OpenELM checkpoint.")
+    if len(emb.shape) != 2:
+        raise ConversionError(f"{file_name(path)}: token_embeddings.weight has shape {emb.shape}, not "
+                              "[vocab, dim]; it is not an OpenELM checkpoint.")
     rows = emb.shape[0]
     notes = []
     if keep_padding:

@@ -16,6 +16,7 @@ import numpy as np
 
 from convert.source import LoraAdapter, Source
 from convert.tensors import LazyTensor, to_float32
+from convert.untrusted import plain
 from mlx_elm.errors import ConversionError
 from mlx_elm.models.openelm import ModelArgs
 
@@ -73,8 +74,9 @@ def export(linear: Dict[str, LoraAdapter], args: ModelArgs, scale: float) -> dic
     keys, layers, ranks = set(), set(), set()
     for mod, ad in linear.items():
         parts = mod.split(".")
-        if parts[:2] != ["transformer", "layers"]:
-            raise ConversionError(f"LoRA adapter on {mod} cannot be expressed in mlx-lm's adapter format.")
+        numbered = len(parts) > 3 and parts[2].isascii() and parts[2].isdigit()
+        if parts[:2] != ["transformer", "layers"] or not numbered:
+            raise ConversionError(f"LoRA adapter on {plain(mod)} cannot be expressed in mlx-lm's adapter format.")
         layers.add(int(parts[2]))
         keys.add(".".join(parts[3:]))
         ranks.add(ad.rank)

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Mapping, Optional, Tuple
 
+from convert.untrusted import plain, quote
 from mlx_elm.errors import ConversionError
 from mlx_elm.models.openelm import PRESETS, ModelArgs, preset
 
@@ -13,6 +15,7 @@ Shape = Tuple[int, ...]
 LAYER_KEYS = ("attn.qkv_proj.weight", "attn.out_proj.weight", "attn.q_norm.weight", "attn.k_norm.weight",
               "ffn.proj_1.weight", "ffn.proj_2.weight", "attn_norm.weight", "ffn_norm.weight")
 # Buffers some exporters include; they are recomputed by every runtime and never converted.
+_LAYER = re.compile(r"transformer\.layers\.(0|[1-9][0-9]{0,8})\.[^.]")
 IGNORABLE_SUFFIXES = ("inv_freq", "_cached_cos", "_cached_sin", "causal_mask", "rotary_emb.cos", "rotary_emb.sin")
 
 
@@ -46,10 +49,12 @@ def infer_args(shapes: Mapping[str, Shape], vocab_size: Optional[int] = None,
     """ModelArgs for HF-named shapes: a released preset when they match one, else exact geometry.
 
     Returns (args, description). With ``preset_name`` the preset is used and checked later.
+    Shapes come from the file, so each one is checked before it is divided by or indexed.
     """
     emb = shapes.get("transformer.token_embeddings.weight")
-    if emb is None or len(emb) != 2:
-        raise ConversionError("the checkpoint has no 2-D token_embeddings.weight; is it an OpenELM checkpoint?")
+    if emb is None or len(emb) != 2 or not all(emb):
+        raise ConversionError(f"the checkpoint has no non-empty 2-D token_embeddings.weight (its shape is "
+                              f"{quote(emb)}); is it an OpenELM checkpoint?")
     rows, d = emb
     vocab = vocab_size or rows
     untied = "lm_head.weight" in shapes
@@ -58,26 +63,23 @@ def infer_args(shapes: Mapping[str, Shape], vocab_size: Optional[int] = None,
             return preset(preset_name, vocab_size=vocab, share_input_output_layers=not untied), f"preset {preset_name}"
         except ValueError as e:
             raise ConversionError(str(e)) from None
-    layers = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("transformer.layers.")})
+    layers = sorted({_layer_index(k) for k in shapes if k.startswith("transformer.layers.")})
     n = len(layers)
     if n == 0 or layers != list(range(n)):
         raise ConversionError(f"the checkpoint's layer indices {layers[:5]}... are not 0..N-1; it is incomplete.")
-    qn = shapes.get("transformer.layers.0.attn.q_norm.weight")
-    if qn is None:
-        raise ConversionError("cannot infer head_dim: layers.0.attn.q_norm.weight is missing; pass --preset.")
-    hd = qn[0]
+    hd = _dim(shapes, "transformer.layers.0.attn.q_norm.weight", 1, 0, "head_dim")
     q_heads, kv_heads, ffn = [], [], []
     for i in range(n):
         p = f"transformer.layers.{i}."
-        try:
-            qkv, out_in, p2 = shapes[p + "attn.qkv_proj.weight"][0], shapes[p + "attn.out_proj.weight"][1], \
-                shapes[p + "ffn.proj_2.weight"][1]
-        except (KeyError, IndexError):
-            raise ConversionError(f"layer {i} lacks qkv_proj/out_proj/proj_2 weights; the checkpoint is incomplete.") from None
-        q = out_in // hd
-        q_heads.append(q)
-        kv_heads.append((qkv // hd - q) // 2)
-        ffn.append(p2)
+        qkv = _dim(shapes, p + "attn.qkv_proj.weight", 2, 0, "the qkv rows")
+        out_in = _dim(shapes, p + "attn.out_proj.weight", 2, 1, "the query width")
+        if out_in % hd or qkv % hd or (qkv // hd - out_in // hd) % 2 or qkv // hd - out_in // hd <= 0:
+            raise ConversionError(f"layer {i}: qkv_proj rows ({qkv}) and out_proj columns ({out_in}) do not split "
+                                  f"into query and key/value heads of head_dim {hd}; pass --preset, or the "
+                                  "checkpoint is not OpenELM.")
+        q_heads.append(out_in // hd)
+        kv_heads.append((qkv // hd - out_in // hd) // 2)
+        ffn.append(_dim(shapes, p + "ffn.proj_2.weight", 2, 1, "the FFN width"))
     for name, kw in PRESETS.items():
         if (kw["num_transformer_layers"], kw["model_dim"], kw["head_dim"]) == (n, d, hd):
             cand = preset(name, vocab_size=vocab, share_input_output_layers=not untied)
@@ -89,15 +91,37 @@ def infer_args(shapes: Mapping[str, Shape], vocab_size: Optional[int] = None,
                         share_input_output_layers=not untied)
         if std.num_query_heads == q_heads and std.num_kv_heads == kv_heads and std.ffn_dims == ffn:
             return std, f"inferred geometry ({n} layers, dim {d}, head_dim {hd}, standard scaling)"
-    except ValueError:
+    except (ValueError, ArithmeticError):
         pass
     divisor = 256 if all(f % 256 == 0 for f in ffn) else 8 if all(f % 8 == 0 for f in ffn) else 1
-    args = ModelArgs(num_transformer_layers=n, model_dim=d, head_dim=hd, vocab_size=vocab,
-                     num_query_heads=q_heads, num_kv_heads=kv_heads, ffn_multipliers=[f / d for f in ffn],
-                     ffn_dim_divisor=divisor, share_input_output_layers=not untied)
+    try:
+        args = ModelArgs(num_transformer_layers=n, model_dim=d, head_dim=hd, vocab_size=vocab,
+                         num_query_heads=q_heads, num_kv_heads=kv_heads, ffn_multipliers=[f / d for f in ffn],
+                         ffn_dim_divisor=divisor, share_input_output_layers=not untied)
+    except (ValueError, ArithmeticError) as e:
+        raise ConversionError(f"the checkpoint's shapes give no valid OpenELM geometry ({quote(str(e), 120)}); "
+                              "pass --preset.") from e
     if args.ffn_dims != ffn:
         raise ConversionError(f"cannot express FFN widths {ffn} as OpenELM multipliers; pass --preset.")
     return args, f"inferred geometry ({n} layers, dim {d}, head_dim {hd}, custom per-layer widths)"
+
+
+def _layer_index(name: str) -> int:
+    """N of ``transformer.layers.N.<weight>``; anything else under transformer.layers is refused."""
+    m = _LAYER.match(name)
+    if m is None:
+        raise ConversionError(f"tensor {plain(name)} is not named transformer.layers.<N>.<weight>; the checkpoint "
+                              "is not a plain OpenELM checkpoint.")
+    return int(m[1])
+
+
+def _dim(shapes: Mapping[str, Shape], name: str, ndim: int, axis: int, what: str) -> int:
+    """``shapes[name][axis]`` when the tensor exists with ``ndim`` dims and that size is positive."""
+    shape = shapes.get(name)
+    if shape is None or len(shape) != ndim or shape[axis] <= 0:
+        raise ConversionError(f"cannot infer {what}: {name.removeprefix('transformer.')} has shape {quote(shape)}, "
+                              f"not {ndim}-D with a positive size; the checkpoint is incomplete (or pass --preset).")
+    return shape[axis]
 
 
 def validate(shapes: Mapping[str, Shape], args: ModelArgs, where: str) -> None:
@@ -111,7 +135,7 @@ def validate(shapes: Mapping[str, Shape], args: ModelArgs, where: str) -> None:
     unknown = [k for k in shapes if k not in want]
     if unknown:
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        raise ConversionError(f"{where} has unknown tensor(s) {', '.join(unknown[:3])}{more}; "
+        raise ConversionError(f"{where} has unknown tensor(s) {', '.join(plain(k) for k in unknown[:3])}{more}; "
                               "it is not a plain OpenELM checkpoint (wrong --preset or another architecture?).")
     for k, s in want.items():
         if tuple(shapes[k]) != tuple(s):

@@ -150,3 +150,14 @@ def test_out_of_bounds_strides_are_rejected(tmp_path):
             dst.writestr(info.filename, evil_pkl if info.filename == pkl_name else src.read(info))
     with pytest.raises(ConversionError, match="past the end"):
         load_checkpoint(bad)
+
+
+def test_hand_built_checkpoints_read_like_torch_load(tmp_path):
+    """tests/hostile_checkpoints.py writes torch.save's layout without torch; the fuzz suite and
+    the hostile regressions start from its files, so torch must read them as we do."""
+    import hostile_checkpoints as H
+
+    path = tmp_path / "built.pt"
+    path.write_bytes(H.checkpoint(H.small_arrays()))
+    theirs = torch.load(path, weights_only=True)
+    assert _same(load_arrays(path), theirs) and list(theirs) == list(H.small_arrays())

@@ -39,6 +39,10 @@ def convert(
     force_float16: Annotated[bool, typer.Option("--force-float16", help="Allow float16 for the 3B model (its activations overflow).")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard (e.g. 2GB, 500MB).")] = "2GB",
     revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag, or commit).")] = None,
+    check_crc: Annotated[bool, typer.Option(
+        "--check-crc/--no-check-crc",
+        help="Check the CRC-32 of every .pt/.bin zip entry before using it (default); "
+             "--no-check-crc skips it, saving one pass over the file.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Convert an OpenELM PyTorch checkpoint into an MLX folder; no code from the file is executed."""
@@ -49,7 +53,7 @@ def convert(
                  quantize_embedding=quantize_embedding, tokenizer=tokenizer, keep_padding=keep_padding,
                  vocab_size=vocab_size, merge_lora=merge_lora, lora_scale=lora_scale, verify=verify, force=force,
                  force_float16=force_float16, max_shard_size=max_shard_size, revision=revision,
-                 progress=not quiet, command=command)
+                 progress=not quiet, command=command, check_crc=check_crc)
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(report.summary())
