@@ -67,11 +67,14 @@ def test_lookup_is_plain_decoding(smollm, policy, which):
 
 @pytest.mark.parametrize("policy", ["full", "snapkv"])
 def test_draft_model_is_plain_decoding(smollm, policy):
-    """The embedded model as its own draft: every proposal should be accepted (up to float ties)."""
+    """The embedded model as its own draft. With the full cache the two are the same model, so every
+    proposal should be accepted (up to float ties). Under SnapKV only the target's cache is
+    compressed (the draft keeps a full one), so they disagree now and then: still plain output."""
     model = smollm[0]
     stats, _, _ = _run(smollm, "long", policy, draft=model, num_draft=3)
     assert stats.tokens == plain(smollm, "long", policy)
-    assert stats.speculative.acceptance_rate > 0.9
+    assert stats.speculative.acceptance_rate > (0.9 if policy == "full" else 0.3)
+    assert stats.speculative.accepted > 0
 
 
 def test_chat_with_lookup_and_snapkv_replies_as_plain_chat(smollm):
