@@ -1,6 +1,7 @@
 """Measure `mlx-elm convert` on a random OpenELM-270M-shaped checkpoint, and the safe reader vs torch.load.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python examples/bench_convert.py --workdir /tmp/bench
+    python examples/bench_convert.py --fast --workdir /tmp/bench-fast   # a 4-layer model in seconds (what the test runs)
 
 Writes a corenet ``.pt`` (32128-row vocabulary, fp32) and an HF folder (fp32 safetensors), converts
 each in a fresh subprocess (so peak memory is per conversion), then times reading the ``.pt`` with
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_sources(work: Path) -> tuple[Path, Path]:
+def make_sources(work: Path, fast: bool = False) -> tuple[Path, Path]:
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -30,17 +31,20 @@ def make_sources(work: Path) -> tuple[Path, Path]:
     from mlx_elm.models.openelm import preset
 
     args = preset("OpenELM-270M")
+    if fast:  # the same layout, small enough to write and convert in seconds
+        args = preset("OpenELM-270M", num_transformer_layers=4, model_dim=256, head_dim=32, vocab_size=512)
+    rows = 640 if fast else 32128  # corenet pads the vocabulary; the converter trims it
     rng = np.random.default_rng(0)
     weights = {}
     for name, shape in expected_shapes(args).items():
         if name == "transformer.token_embeddings.weight":
-            shape = (32128, shape[1])
+            shape = (rows, shape[1])
         weights[name] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 0.02)
     pt = work / "openelm-270m-corenet.pt"
     torch.save({k.removeprefix("transformer."): v for k, v in weights.items()}, pt)
     hf = work / "openelm-270m-hf"
     hf.mkdir()
-    weights["transformer.token_embeddings.weight"] = weights["transformer.token_embeddings.weight"][:32000].clone()
+    weights["transformer.token_embeddings.weight"] = weights["transformer.token_embeddings.weight"][: args.vocab_size].clone()
     save_file(weights, str(hf / "model.safetensors"))
     (hf / "config.json").write_text(json.dumps(args.to_dict()))
     return pt, hf
@@ -89,11 +93,12 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mlx-elm-bench"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--fast", action="store_true", help="a 4-layer, 256-wide model (seconds; what the test runs)")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=False)
     try:
         t = time.perf_counter()
-        pt, hf = make_sources(a.workdir)
+        pt, hf = make_sources(a.workdir, a.fast)
         print(f"sources written in {time.perf_counter() - t:.1f}s: {pt.stat().st_size / 1e9:.2f} GB .pt, "
               f"{(hf / 'model.safetensors').stat().st_size / 1e9:.2f} GB safetensors")
         for label, src in (("corenet .pt", pt), ("HF safetensors", hf)):

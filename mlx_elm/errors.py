@@ -50,3 +50,7 @@ class SpeculativeError(GenerationError):
 
 class SpeechError(MlxElmError):
     """Invalid text, prompt audio, speech model, corpus or speech-training options."""
+
+
+class MoEError(MlxElmError):
+    """Invalid mixture-of-experts options, models or benchmark settings."""

@@ -151,5 +151,53 @@ def lora(
     typer.echo(json.dumps(compare(model, workdir, iters, batch_size, rank, max_seq_length, repeats), indent=2))
 
 
+MOE_LAYERS = "dense,smoe,fine-grained,mhmoe-h2,mhmoe-h3"
+
+
+@bench_app.command("moe")
+def moe(
+    dim: Annotated[int, typer.Option("--dim", min=8, max=1 << 16, help="Model width d (the papers: 768).")] = 768,
+    experts: Annotated[int, typer.Option("--experts", min=1, max=4096,
+                                         help="SMoE experts; the other layers are sized from it by the v2 rule.")] = 8,
+    ffn: Annotated[int, typer.Option("--ffn", min=8, max=1 << 18, help="SMoE expert (and dense FFN) SwiGLU width.")] = 2048,
+    layers: Annotated[str, typer.Option("--layers", help="Comma-separated: dense, smoe, fine-grained, mhmoe-h2, "
+                                                          "mhmoe-h3, mhmoe-h4.")] = MOE_LAYERS,
+    tokens: Annotated[List[int], typer.Option("--tokens", "-t", min=1, max=1 << 20,
+                                              help="Tokens per call (repeat; 1 = decode, 2048 = prefill).")] = [1, 2048],
+    modes: Annotated[str, typer.Option("--modes", help="forward and/or forward+backward, comma-separated.")] = "forward,forward+backward",
+    dispatch: Annotated[str, typer.Option("--dispatch", help="Expert dispatches to time: gather, blocked.")] = "gather,blocked",
+    rounds: Annotated[int, typer.Option("--rounds", min=1, max=100, help="Interleaved timing rounds (the best counts).")] = 3,
+    out_json: Annotated[Optional[Path], typer.Option("--json", help="Also write the rows as JSON here.")] = None,
+) -> None:
+    """One MoE layer: tokens/s and peak memory of SMoE vs MH-MoE vs a dense FFN of equal FLOPs, per dispatch."""
+    import time
+
+    import mlx.core as mx
+    from tqdm import tqdm
+
+    from mlx_elm.atomic import atomic_file
+    from mlx_elm.moe.bench import auto_choice, bench_moe, best_ratios, describe_backend, format_table
+
+    names = [s.strip() for s in layers.split(",") if s.strip()]
+    mode_list = [s.strip() for s in modes.split(",") if s.strip()]
+    disp = [s.strip() for s in dispatch.split(",") if s.strip()]
+    total = sum((1 if n == "dense" else len(disp)) * len(tokens) * len(mode_list) for n in names)
+    tic = time.perf_counter()
+    with tqdm(total=total, desc="bench moe", leave=False) as bar:
+        rows = bench_moe(names, dim, experts, ffn, tokens, mode_list, disp, rounds, progress=bar.update)
+    typer.echo(f"one layer, d {dim}, SMoE {experts} x SwiGLU {ffn} top-1, v2-sized peers; {describe_backend()}; "
+               f"best of {rounds} interleaved rounds")
+    for line in format_table(rows):
+        typer.echo(line)
+    for line in best_ratios(rows):
+        typer.echo(line)
+    if out_json is not None:
+        with atomic_file(out_json) as tmp:
+            Path(tmp).write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+    auto = auto_choice(max(tokens), experts, 1)
+    typer.echo(f"{len(rows)} rows in {time.perf_counter() - tic:.0f}s, peak memory {mx.get_peak_memory() / 2**20:.0f} MB; "
+               f"auto dispatch here at {max(tokens)} tokens: {auto}" + (f"; json {out_json}" if out_json else ""))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

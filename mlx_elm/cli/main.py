@@ -13,7 +13,7 @@ import traceback
 import typer
 
 from mlx_elm import platform
-from mlx_elm.cli import ays_cmd, bench_cmd, convert_cmd, generate_cmd, speech_cmd, train_cmd
+from mlx_elm.cli import ays_cmd, bench_cmd, convert_cmd, generate_cmd, moe_cmd, speech_cmd, train_cmd
 from mlx_elm.errors import MlxElmError
 
 DEBUG_ENV = "MLX_ELM_DEBUG"
@@ -27,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (generate_cmd, convert_cmd, train_cmd, bench_cmd, ays_cmd, speech_cmd):
+for module in (generate_cmd, convert_cmd, train_cmd, bench_cmd, ays_cmd, speech_cmd, moe_cmd):
     module.register(app)
 
 
@@ -49,10 +49,13 @@ def _fail(message: str, code: int, e: BaseException, debug: bool) -> None:
 
 def main() -> None:
     """Run the CLI; on Linux first re-exec with OpenBLAS preloaded when that helps."""
-    platform.maybe_reexec_with_fast_blas()
+    asks_for_help = not sys.argv[1:] or any(a in ("--help", "-h") for a in sys.argv[1:])
+    if not asks_for_help:  # help computes nothing: skip the re-exec (it doubles the start-up time)
+        platform.maybe_reexec_with_fast_blas()
     debug = "--debug" in sys.argv[1:] or bool(os.environ.get(DEBUG_ENV))
     args = [a for a in sys.argv[1:] if a != "--debug"]
-    platform.warn_if_slow_blas()
+    if not asks_for_help:
+        platform.warn_if_slow_blas()
     try:
         code = app(args=args, prog_name="mlx-elm", standalone_mode=False)
     except MlxElmError as e:
