@@ -20,6 +20,7 @@ from mlx_elm.errors import ConversionError
 from mlx_elm.hub import looks_like_repo_id
 
 DTYPES = ("float32", "bfloat16", "float16")
+FORMATS = ("auto", "openelm", "torchscale-moe")
 
 
 @dataclass
@@ -91,6 +92,19 @@ def open_source(source: str | Path, preset: Optional[str] = None, vocab_size: Op
     return src
 
 
+def _is_torchscale(source) -> bool:
+    """True for a checkpoint file whose tensor names are the torchscale MoE decoder's."""
+    path = Path(str(source)).expanduser()
+    if not path.is_file():
+        return False
+    from convert.torchscale_moe import looks_like_torchscale, read_names
+
+    try:
+        return looks_like_torchscale(list(read_names(path)))
+    except ConversionError:
+        return False  # let the OpenELM readers report what is wrong with the file
+
+
 def _is_3b(args) -> bool:
     return args.model_dim >= 3072 and args.num_transformer_layers >= 36
 
@@ -100,14 +114,28 @@ def convert(source: str | Path, out_dir: str | Path, *, preset: Optional[str] = 
             tokenizer: Optional[str | Path] = None, keep_padding: bool = False, vocab_size: Optional[int] = None,
             merge_lora: bool = True, lora_scale: float = 1.0, verify: bool = False, force: bool = False,
             force_float16: bool = False, max_shard_size: str | int = "2GB", revision: Optional[str] = None,
-            progress: bool = True, command: Optional[str] = None, check_crc: bool = True) -> ConversionReport:
+            progress: bool = True, command: Optional[str] = None, check_crc: bool = True, format: str = "auto",
+            moe_options: Optional[dict] = None) -> ConversionReport:
     """Convert one OpenELM checkpoint into an MLX folder that mlx_elm and mlx-lm both load.
 
     ``lora_scale`` is alpha / r of a corenet LoRA checkpoint (not stored in the file; corenet's
     OpenELM recipe uses alpha = r = 32, hence 1.0). ``check_crc=False`` skips the CRC-32 check
     of .pt/.bin zip entries (one pass over the file saved; a corrupt byte then goes unnoticed).
-    Raises ConversionError (one line) on any problem, leaving nothing at ``out_dir``.
+    ``format``: ``openelm``, ``torchscale-moe`` (MH-MoE / SMoE
+    decoders of the official code, ``convert.torchscale_moe``, with ``moe_options`` such as heads,
+    top_k, rope), or ``auto`` (by tensor names). Raises ConversionError (one line) on any problem,
+    leaving nothing at ``out_dir``.
     """
+    if format not in FORMATS:
+        raise ConversionError(f"--format {format!r} must be one of {', '.join(FORMATS)}")
+    if format == "torchscale-moe" or (format == "auto" and _is_torchscale(source)):
+        from convert.torchscale_moe import convert_torchscale_moe
+
+        if quantize and (bits not in (4, 8) or group_size not in (32, 64, 128)):
+            raise ConversionError(f"--bits {bits} / --group-size {group_size}: use 4 or 8 bits and 32, 64 or 128")
+        return convert_torchscale_moe(source, out_dir, dtype=dtype, tokenizer=tokenizer, verify=verify, force=force,
+                                      progress=progress, quantize_bits=bits if quantize else None,
+                                      group_size=group_size, check_crc=check_crc, **(moe_options or {}))
     import mlx.core as mx
     from tqdm import tqdm
 
@@ -206,7 +234,12 @@ def _install_tokenizer(tokenizer: str | Path, folder: Path) -> None:
     install_tokenizer(tokenizer, folder)
 
 
-__all__ = ["ConversionReport", "convert", "open_source", "DTYPES"]
+def parse_renames(items: Optional[List[str]]) -> List[tuple]:
+    """``--rename OLD=NEW`` strings -> (old, new) pairs for the torchscale converter (one-line error
+    otherwise); here so the CLI reaches it through the package API."""
+    from convert.torchscale_moe import parse_renames as run
+
+    return run(items)
 
 
 def convert_hifigan(checkpoint: str | Path, config: str | Path, out: str | Path) -> Path:
@@ -217,3 +250,6 @@ def convert_hifigan(checkpoint: str | Path, config: str | Path, out: str | Path)
     from convert.hifigan import convert_hifigan as run
 
     return run(checkpoint, config, out)
+
+
+__all__ = ["ConversionReport", "convert", "convert_hifigan", "open_source", "parse_renames", "DTYPES", "FORMATS"]

@@ -3,6 +3,9 @@
 Each turn renders the whole conversation, finds how much of it the cache already holds (common
 token prefix), trims the rest, and feeds only the new tokens, so a long chat costs one prefill.
 
+With a draft (``draft="lookup"`` or a draft model) every turn decodes speculatively; prompt lookup
+searches the whole conversation (a document pasted in the first turn keeps paying off later).
+
 With a compressing KV policy (``kv_options``, e.g. SnapKV) the first turn's prompt — typically a
 long pasted document plus a question — is compressed once, when it is complete. Later turns append
 their tokens (and the replies) to the compressed cache; they are not compressed again. A cache can
@@ -17,7 +20,7 @@ from typing import Iterator, List, Optional
 
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
-from mlx_elm import kv
+from mlx_elm import kv, speculative
 from mlx_elm.generation import (
     GenerationStats,
     SamplingOptions,
@@ -38,10 +41,16 @@ def common_prefix_length(a: List[int], b: List[int]) -> int:
 
 class ChatSession:
     def __init__(self, model, tokenizer, config: dict, options: SamplingOptions,
-                 system: Optional[str] = None, kv_options: Optional["kv.KVOptions"] = None):
+                 system: Optional[str] = None, kv_options: Optional["kv.KVOptions"] = None,
+                 draft: "speculative.DraftSpec" = None, num_draft: Optional[int] = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.options, self.system = options, system
         self.kv_options = kv_options
+        # One proposer for the whole chat: lookup keeps its n-gram index, a draft model its cache.
+        self.draft, self.num_draft = None, None
+        if draft is not None:
+            rule = speculative.SamplingRule(options)
+            self.draft, self.num_draft = speculative.make_proposer(draft, model, tokenizer, rule, num_draft)
         self.reset()
 
     def _new_cache(self) -> list:
@@ -81,8 +90,9 @@ class ChatSession:
         self.last_reused = keep
         stats = GenerationStats()
         reply = []
+        drafting = {} if self.draft is None else dict(draft=self.draft, num_draft=self.num_draft, context=full[:keep])
         for text in stream_tokens(self.model, self.tokenizer, full[keep:], self.options,
-                                  self._config_for(keep), prompt_cache=self.cache, stats=stats):
+                                  self._config_for(keep), prompt_cache=self.cache, stats=stats, **drafting):
             reply.append(text)
             yield text
         seen = full + stats.tokens

@@ -44,8 +44,16 @@ class NgramError(MlxElmError):
     """Invalid n-gram model or construction options."""
 
 
+class SpeculativeError(GenerationError):
+    """A draft that cannot serve the target model (another vocabulary, bad K, no prompt to look up)."""
+
+
 class SpeechError(MlxElmError):
     """Invalid text, prompt audio, speech model, corpus or speech-training options."""
+
+
+class MoEError(MlxElmError):
+    """Invalid mixture-of-experts options, models or benchmark settings."""
 
 
 class VideoError(MlxElmError):

@@ -18,8 +18,8 @@ import mlx.core as mx
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from mlx_elm import kv
-from mlx_elm.errors import GenerationError
+from mlx_elm import kv, speculative
+from mlx_elm.errors import GenerationError, SpeculativeError
 
 MAX_TOKENS = 2**31 - 1
 
@@ -149,26 +149,46 @@ class GenerationStats:
     peak_memory_gb: float = 0.0
     finish_reason: Optional[str] = None
     tokens: List[int] = field(default_factory=list)
+    speculative: Optional["speculative.SpeculativeStats"] = None  # with a draft: what it proposed and kept
 
     def summary(self) -> str:
-        return (
+        line = (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s | "
             f"peak memory: {self.peak_memory_gb:.3f} GB"
         )
+        return line if self.speculative is None else f"{line}\n{self.speculative.summary()}"
 
 
 def _responses(model, tokenizer, tokens: Sequence[int], options: SamplingOptions, config: Optional[dict],
-               prompt_cache: Optional[List[Any]], **generate_kwargs: Any):
-    """mlx-lm's ``GenerationResponse`` stream, after our checks, KV bookkeeping and query taps."""
+               prompt_cache: Optional[List[Any]], draft: "speculative.DraftSpec" = None,
+               num_draft: Optional[int] = None, context: Sequence[int] = (),
+               speculative_stats: Optional["speculative.SpeculativeStats"] = None, **generate_kwargs: Any):
+    """mlx-lm's ``GenerationResponse`` stream, after our checks, KV bookkeeping and query taps.
+
+    With ``draft`` (``"lookup"``, a draft model or a proposer) decoding is speculative
+    (``mlx_elm.speculative``); ``context`` are the tokens ``prompt_cache`` already holds (earlier
+    chat turns), which prompt lookup searches too.
+    """
     options.validate()
     max_tokens = check_prompt_length(len(tokens), options, config or {})
+    if draft is not None:
+        rule = speculative.SamplingRule(options)
+        proposer, num_draft = speculative.make_proposer(draft, model, tokenizer, rule, num_draft)
+        unsupported = sorted(set(generate_kwargs) - {"prefill_step_size"})
+        if unsupported:
+            raise SpeculativeError(f"{', '.join(unsupported)} cannot be combined with a draft; drop them or the draft")
     if options.seed is not None:
         mx.random.seed(options.seed)
     if prompt_cache is not None:  # compressing KV policies compress once the prompt is complete
         kv.expect_prompt(prompt_cache, len(tokens))
     taps = kv.query_taps(model) if prompt_cache is not None and kv.wants_queries(prompt_cache) else nullcontext()
     with taps:
+        if draft is not None:
+            yield from speculative.stream_responses(
+                model, tokenizer, tokens, proposer, rule, max_tokens=max_tokens, num_draft=num_draft,
+                prompt_cache=prompt_cache, context=context, stats=speculative_stats, **generate_kwargs)
+            return
         yield from mlx_lm_stream_generate(
             model,
             tokenizer,
@@ -194,9 +214,12 @@ def stream_tokens(
     """Yield text segments as they are generated; fills ``stats`` when done.
 
     ``prompt_cache`` (a list of per-layer caches) is updated in place, so a caller can keep it
-    across turns or pass a compressed-cache policy.
+    across turns or pass a compressed-cache policy. ``draft=`` / ``num_draft=`` / ``context=``
+    make decoding speculative (see :func:`_responses`); ``stats.speculative`` then counts it.
     """
     stats = stats if stats is not None else GenerationStats()
+    if generate_kwargs.get("draft") is not None:
+        stats.speculative = generate_kwargs.setdefault("speculative_stats", speculative.SpeculativeStats())
     response = None
     for response in _responses(model, tokenizer, prompt_tokens, options, config, prompt_cache, **generate_kwargs):
         stats.tokens.append(int(response.token))  # includes a final EOS token
@@ -249,6 +272,8 @@ def stream_generate(
     chat_template: Optional[bool] = None,
     kv: KVSpec = None,
     prompt_cache: Optional[List[Any]] = None,
+    draft_model: "speculative.DraftSpec" = None,
+    num_draft_tokens: Optional[int] = None,
     **generate_kwargs: Any,
 ):
     """Yield mlx-lm ``GenerationResponse`` pieces (``.text``, ``.token``, speeds, peak memory).
@@ -258,13 +283,24 @@ def stream_generate(
     ``{"policy": "snapkv", "capacity": 1024}``); ``prompt_cache`` passes a cache list you keep
     (e.g. across turns). Sampling keywords are mlx-lm's ``make_sampler`` / ``make_logits_processors``
     ones.
+
+    ``draft_model`` makes decoding speculative (same greedy tokens, same sampling distribution):
+    ``"lookup"`` (prompt lookup, no second model), a draft model with the target's tokenizer (a
+    loaded model or a reference), or a ``mlx_elm.speculative`` proposer; ``num_draft_tokens`` caps
+    the tokens proposed per verification (mlx-lm's name; default 16 for lookup, 3 for a model).
+    Each response's ``from_draft`` says whether its token was a proposal the target accepted.
     """
     options = SamplingOptions(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
+    if isinstance(draft_model, str) and draft_model == speculative.LOOKUP:
+        speculative.check_lookup_prompt(prompt)
     tokens = prompt_tokens(tokenizer, prompt, system, chat_template)
     if kv is not None and prompt_cache is not None:
         raise GenerationError("pass either kv= (a policy to build a cache with) or prompt_cache=, not both")
+    if draft_model is None and num_draft_tokens is not None:
+        raise GenerationError("num_draft_tokens= needs draft_model= ('lookup' or a draft model)")
     cache = prompt_cache if prompt_cache is not None else kv_cache_for(model, kv)
-    yield from _responses(model, tokenizer, tokens, options, model_config(model), cache, **generate_kwargs)
+    yield from _responses(model, tokenizer, tokens, options, model_config(model), cache, draft=draft_model,
+                          num_draft=num_draft_tokens, **generate_kwargs)
 
 
 def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwargs: Any) -> str:
@@ -275,9 +311,10 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
 
     ``verbose=True`` streams the text to stdout and prints speeds and peak memory.
     """
-    pieces, last = [], None
+    pieces, last, from_draft = [], None, 0
     for last in stream_generate(model, tokenizer, prompt, **kwargs):
         pieces.append(last.text)
+        from_draft += int(last.from_draft)
         if verbose:
             print(last.text, end="", flush=True)
     if verbose and last is not None:
@@ -285,4 +322,6 @@ def generate(model, tokenizer, prompt: Prompt, *, verbose: bool = False, **kwarg
         print(f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s | generation: "
               f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s | "
               f"peak memory: {last.peak_memory:.3f} GB")
+        if kwargs.get("draft_model") is not None:
+            print(f"speculative: {from_draft} of {last.generation_tokens} tokens were accepted proposals")
     return "".join(pieces)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,11 +70,14 @@ def write_model_folder(
     tokenizer_from: Optional[Union[str, Path]] = None,
     tokenizer: Optional[str] = None,
     replace: bool = True,
+    check: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Write ``model`` and ``config`` as a model folder, atomically.
 
     ``tokenizer_from`` is a folder whose tokenizer files are copied; ``tokenizer`` a tokenizer
-    reference (``.model`` file, folder, repo id) installed instead.
+    reference (``.model`` file, folder, repo id) installed instead. ``check(folder)`` runs on the
+    complete folder before it is moved into place (e.g. a converter's ``--verify``); if it raises,
+    nothing is written.
     """
     out_dir = Path(out_dir)
     with atomic_folder(out_dir, replace=replace) as tmp:
@@ -84,6 +87,8 @@ def write_model_folder(
             install_tokenizer(tokenizer, tmp)
         elif tokenizer_from is not None:
             copy_tokenizer_files(tokenizer_from, tmp)
+        if check is not None:
+            check(tmp)
     return out_dir
 
 

@@ -194,6 +194,32 @@ def is_cpu_backend() -> bool:
     return mx.default_device() == mx.cpu or backend_name() == "cpu"
 
 
+MOE_DISPATCH_ENV = "MLX_ELM_MOE_DISPATCH"
+MOE_DISPATCHES = ("gather", "blocked")
+# Blocked dispatch pads every expert to whole blocks of >= 8 rows, so it only pays off when there
+# are enough assignments per expert; below that (decode, short prompts) the per-assignment gather
+# is cheaper. Measured by ``mlx-elm bench moe`` (docs/moe.md).
+MOE_BLOCKED_MIN_ROWS_PER_EXPERT = 16
+
+
+def expert_dispatch(num_assignments: int, num_experts: int) -> str:
+    """How MoE layers run their experts on this backend: ``"gather"`` or ``"blocked"``.
+
+    ``gather``: mlx-lm's switch layers, one ``gather_mm`` row per (token, expert) assignment,
+    sorted by expert for large counts; fastest on Metal, where the kernel batches rows per expert.
+    ``blocked``: assignments sorted by expert and padded into fixed-size blocks of one expert each,
+    so every block is a real matrix product; the same numbers, and 2-4x faster on the CPU backend,
+    whose ``gather_mm`` multiplies row by row (``mlx-elm bench moe``). Set
+    ``MLX_ELM_MOE_DISPATCH=gather|blocked`` to force one.
+    """
+    forced = os.environ.get(MOE_DISPATCH_ENV, "").strip().lower()
+    if forced in MOE_DISPATCHES:
+        return forced
+    if not is_cpu_backend() or num_assignments < MOE_BLOCKED_MIN_ROWS_PER_EXPERT * num_experts:
+        return "gather"
+    return "blocked"
+
+
 def doctor() -> DoctorReport:
     """Backend, device, BLAS and memory facts a user needs when asking why something is slow."""
     import mlx.core as mx

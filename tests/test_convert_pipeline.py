@@ -76,6 +76,7 @@ def test_truncated_zip(tmp_path, good):
     _expect_clean_failure(tmp_path, src, "truncated")
 
 
+@pytest.mark.slow
 def test_forbidden_global_through_the_cli(tmp_path):
     """End to end: the CLI prints one line naming the global, exits 1, writes nothing, runs nothing."""
     import pickle

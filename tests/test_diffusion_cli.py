@@ -59,6 +59,7 @@ def test_missing_denoiser_file_and_unknown_dataset(cli, tmp_path):
     assert r.code == 1 and "unknown dataset" in r.stderr
 
 
+@pytest.mark.slow
 def test_example_fast_mode(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "examples" / "ays_toy.py"), "--fast", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)

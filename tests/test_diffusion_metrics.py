@@ -32,6 +32,7 @@ def test_both_kl_directions_match_closed_form():
     assert M.kl_pq(data, lp_d, q) == pytest.approx(_kl_gauss(1.0, 1.5), abs=0.06)
 
 
+@pytest.mark.slow
 def test_over_sharpened_samples_fool_nll_but_not_coverage_kl():
     g = toy.ring(std=0.05)
     sharp = toy.ring(std=0.01).sample(4000, key=mx.random.key(0))
@@ -46,6 +47,7 @@ def test_over_sharpened_samples_fool_nll_but_not_coverage_kl():
     assert abs(m_good["kl_qp"]) < 0.1 and abs(m_good["kl_pq"]) < 0.15
 
 
+@pytest.mark.slow
 def test_sliced_wasserstein_and_mmd():
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(3000, 2)), rng.normal(size=(3000, 2))

@@ -123,6 +123,7 @@ def flag_values(draw):
     return command, option, value
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(case=flag_values())
 def test_fuzzed_flags_keep_the_contract(cli, inputs, tmp_path_factory, case):

@@ -190,6 +190,7 @@ def _check(mutants: List[Mutant], outcomes: List[Outcome]) -> Counter:
     return Counter(o.kind for o in outcomes)
 
 
+@pytest.mark.slow
 def test_structure_mutants_are_refused_or_load_cleanly(structure_outcomes):
     mutants, outcomes = structure_outcomes
     counts = _check(mutants, outcomes)
@@ -203,10 +204,12 @@ def test_structure_mutants_are_refused_or_load_cleanly(structure_outcomes):
     assert counts["refused"] >= len(mutants) - 5, counts
 
 
+@pytest.mark.slow
 def test_random_header_byte_flips_are_refused_or_load_cleanly(validator_run):
     _check(*validator_run["flips"])
 
 
+@pytest.mark.slow
 def test_the_intact_file_passes_the_validator(validator_run):
     [outcome] = validator_run["intact"][1]
     assert outcome.kind == "accepted", outcome

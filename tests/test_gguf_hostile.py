@@ -94,6 +94,7 @@ print("RESULT " + json.dumps(["refused", "all"]), flush=True)
 '''
 
 
+@pytest.mark.slow
 def test_counts_off_by_one_are_refused_before_mlx_reads_the_file(original, tmp_path):
     """These crashed the process inside mx.load (SIGSEGV); now the pure-Python parse refuses them."""
     names = ("tensor count +1", "metadata count +1", "metadata count -1",

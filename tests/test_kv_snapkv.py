@@ -268,6 +268,7 @@ def test_undeclared_prompt_is_refused_not_guessed(llama):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_prompt_of_2050_tokens_through_mlx_lm_stream_generate(llama, spm_model_path, tmp_path):
     """2050 = 2048 + 2: generate_step sends 2048, then 1, then the last token alone. Compression
     must happen after the whole prompt: the same kept rows and tokens as a manual prefill."""

@@ -136,6 +136,7 @@ def test_long_sequences_are_exact_in_float32(n):
             assert_exact(model_probs(ng.build(lm, variant, attention), lm, seq[None]), ref)
 
 
+@pytest.mark.slow
 def test_real_text_character_4gram_is_reproduced():
     text = zen_text()
     lm = NgramLM.from_text(text, 4, k=0.1)
@@ -290,6 +291,7 @@ def _load_example():
     return mod
 
 
+@pytest.mark.slow
 def test_experiment_fast_mode(tmp_path):
     ex = _load_example()
     lines = []

@@ -103,6 +103,7 @@ def _displayed_images(nb) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", list(_params()))
 def test_notebook_runs_in_fast_mode(path, tmp_path, request):
     nbformat = needs("nbformat")
@@ -140,6 +141,7 @@ def test_notebook_runs_in_fast_mode(path, tmp_path, request):
         f"{path.name} shows {_displayed_images(nb)} figures but saved {len(pngs)}: save each one to OUT"
 
 
+@pytest.mark.slow
 def test_kernel_runs_this_interpreter_and_checkout(tmp_path):
     """The kernel the notebook tests start is this Python, importing this checkout's mlx_elm."""
     nbformat = needs("nbformat")

@@ -63,6 +63,7 @@ def test_missing_fast_blas_prints_one_hint_once_per_cache_home(monkeypatch, tmp_
     assert any("apt-get install" in a for a in platform.doctor().advice)  # and `mlx-elm doctor` says it
 
 
+@pytest.mark.slow
 @needs_openblas
 def test_with_openblas_the_first_command_prints_nothing_extra(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", platform.OPT_OUT_ENV, platform.REEXEC_MARK)}

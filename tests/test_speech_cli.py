@@ -48,7 +48,7 @@ def test_speak_writes_a_wav_whose_length_follows_the_predicted_durations(tmp_pat
 
 @shipped
 @pytest.mark.xfail(reason="target not met: the shipped model, trained ~1,000 steps on a loaded 2-core CPU, is "
-                          "not yet intelligible to the recognizer (PER > 1, docs/speech.md)", strict=False)
+                          "not yet intelligible to the recognizer (PER > 1, docs/speech.md)", strict=True)  # a pass means: remove the mark
 def test_the_recognizer_hears_the_input_phonemes_in_the_output():
     syn = pipeline.Synthesizer()
     judges = Judges(None, None)

@@ -90,6 +90,7 @@ def _run(tiny, tok, out, iters, interrupt_at=None, resume=False, **kw):
                           on_step=on_step)
 
 
+@pytest.mark.slow
 def test_loss_falls_and_resumed_run_equals_uninterrupted(tiny, tmp_path):
     _, tok, _ = load_with_info(str(tiny[0]))
     full = _run(tiny, tok, tmp_path / "full", 8)

@@ -1,11 +1,12 @@
-"""``mlx-elm convert``: PyTorch OpenELM checkpoints (Hugging Face or corenet) to MLX folders."""
+"""``mlx-elm convert``: PyTorch OpenELM checkpoints (Hugging Face or corenet) and torchscale MH-MoE /
+SMoE decoders to MLX folders."""
 
 from __future__ import annotations
 
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -44,6 +45,20 @@ def convert(
         help="Check the CRC-32 of every .pt/.bin zip entry before using it (default); "
              "--no-check-crc skips it, saving one pass over the file.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="auto | openelm | torchscale-moe (MH-MoE / SMoE decoders).")] = "auto",
+    heads: Annotated[Optional[int], typer.Option(
+        "--heads", min=1, max=4096, help="torchscale-moe: attention heads (default d / 64).")] = None,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", min=1, max=4096, help="torchscale-moe: experts per (sub-)token (released script: 1).")] = 1,
+    capacity_factor: Annotated[float, typer.Option(
+        "--capacity-factor", min=0.0, max=1e3, callback=O._finite, help="torchscale-moe: 0 = dropless.")] = 0.0,
+    rope: Annotated[str, typer.Option("--rope", help="torchscale-moe: rotary layout, half | interleaved.")] = "half",
+    norm_eps: Annotated[float, typer.Option(
+        "--norm-eps", callback=O._positive, help="torchscale-moe: RMSNorm epsilon (> 0).")] = 1e-5,
+    embed_scale: Annotated[float, typer.Option(
+        "--embed-scale", callback=O._positive, help="torchscale-moe: embedding scale, > 0 (sqrt(d) if used).")] = 1.0,
+    rename: Annotated[Optional[List[str]], typer.Option(
+        "--rename", help="torchscale-moe: OLD=NEW rewrite of tensor names (repeatable).")] = None,
 ) -> None:
     """Convert an OpenELM PyTorch checkpoint into an MLX folder; no code from the file is executed."""
     from convert import convert as run
@@ -53,10 +68,18 @@ def convert(
                  quantize_embedding=quantize_embedding, tokenizer=tokenizer, keep_padding=keep_padding,
                  vocab_size=vocab_size, merge_lora=merge_lora, lora_scale=lora_scale, verify=verify, force=force,
                  force_float16=force_float16, max_shard_size=max_shard_size, revision=revision,
-                 progress=not quiet, command=command, check_crc=check_crc)
+                 progress=not quiet, command=command, check_crc=check_crc, format=fmt,
+                 moe_options=_moe_options(heads, top_k, capacity_factor, rope, norm_eps, embed_scale, rename))
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(report.summary())
+
+
+def _moe_options(heads, top_k, capacity_factor, rope, norm_eps, embed_scale, rename) -> dict:
+    from convert import parse_renames
+
+    return dict(heads=heads, top_k=top_k, capacity_factor=capacity_factor, rope=rope, norm_eps=norm_eps,
+                embed_scale=embed_scale, renames=parse_renames(rename))
 
 
 def register(app: typer.Typer) -> None:

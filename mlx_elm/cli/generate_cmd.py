@@ -21,6 +21,22 @@ def _sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed):
     return SamplingOptions(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed).validate()
 
 
+def _draft(draft, draft_model, num_draft):
+    """``--draft`` / ``--draft-model`` / ``--num-draft`` → (draft, K) for the library (which checks K)."""
+    from mlx_elm.errors import SpeculativeError
+    from mlx_elm import speculative
+
+    if draft is not None and draft_model is not None:
+        raise SpeculativeError("pass either --draft or --draft-model (they mean the same), not both")
+    draft = draft if draft is not None else draft_model
+    if draft is None:
+        if num_draft is not None:
+            raise SpeculativeError("--num-draft needs --draft lookup or --draft MODEL")
+        return None, None
+    kind = "lookup" if draft == speculative.LOOKUP else "model"
+    return draft, speculative.check_num_draft(num_draft, kind)
+
+
 def _kv(policy, capacity, window, kernel, pool, bits, per_query_head):
     from mlx_elm.kv import KVOptions
 
@@ -51,25 +67,41 @@ def generate(
     kv_pool: O.KVPool = "max",
     kv_bits: O.KVBits = None,
     kv_per_query_head: O.KVPerQueryHead = False,
+    draft: O.Draft = None,
+    draft_model: O.DraftModel = None,
+    num_draft: O.NumDraft = None,
 ) -> None:
-    """Generate text from a prompt, streaming it to stdout (speed and memory on stderr)."""
-    from mlx_elm import kv
+    """Generate text from a prompt, streaming it to stdout (speed and memory on stderr).
+
+    With --draft lookup (or a draft model) decoding is speculative: the same greedy output, fewer
+    passes of the model; fastest where the answer copies the prompt (quote, extract, edit a file).
+    """
+    from mlx_elm import kv, speculative
     from mlx_elm.generation import GenerationStats, build_prompt, stream_tokens
     from mlx_elm.loading import load_with_info
 
     options = _sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
     kv_options = _kv(kv_policy, kv_capacity, kv_window, kv_kernel, kv_pool, kv_bits, kv_per_query_head)
+    draft, num_draft = _draft(draft, draft_model, num_draft)
     if prompt is None:
         if sys.stdin.isatty():
             raise GenerationError("no prompt given; pass it as an argument or on stdin")
         prompt = sys.stdin.read()
+    if draft == speculative.LOOKUP:
+        speculative.check_lookup_prompt(prompt)
     model_obj, tok, info = load_with_info(model, tokenizer, representation=representation, adapter_path=adapter)
     if verbose:
         _echo_err(info.describe())
     tokens = build_prompt(tok, prompt, system, chat_template)
     stats = GenerationStats()
     caches = kv.make_cache(model_obj, **vars(kv_options))
-    for text in stream_tokens(model_obj, tok, tokens, options, info.config, prompt_cache=caches, stats=stats):
+    drafting = {}
+    if draft is not None:
+        proposer, num_draft = speculative.make_proposer(draft, model_obj, tok, speculative.SamplingRule(options),
+                                                        num_draft, representation, tokenizer_ref=tokenizer)
+        drafting = dict(draft=proposer, num_draft=num_draft)
+    for text in stream_tokens(model_obj, tok, tokens, options, info.config, prompt_cache=caches, stats=stats,
+                              **drafting):
         typer.echo(text, nl=False)
         sys.stdout.flush()
     typer.echo("")
@@ -99,21 +131,31 @@ def chat(
     kv_pool: O.KVPool = "max",
     kv_bits: O.KVBits = None,
     kv_per_query_head: O.KVPerQueryHead = False,
+    draft: O.Draft = None,
+    draft_model: O.DraftModel = None,
+    num_draft: O.NumDraft = None,
 ) -> None:
     """Multi-turn chat that keeps the KV cache between turns (/reset clears it, /exit quits).
 
     With --kv-policy snapkv the first turn's prompt (e.g. a pasted document) is compressed once;
-    later turns append to the compressed cache.
+    later turns append to the compressed cache. With --draft every turn decodes speculatively
+    (prompt lookup searches the whole conversation).
     """
+    from mlx_elm import speculative
     from mlx_elm.chat import ChatSession
     from mlx_elm.loading import load_with_info
 
     options = _sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed)
     kv_options = _kv(kv_policy, kv_capacity, kv_window, kv_kernel, kv_pool, kv_bits, kv_per_query_head)
+    draft, num_draft = _draft(draft, draft_model, num_draft)
     model_obj, tok, info = load_with_info(model, tokenizer, representation=representation, adapter_path=adapter)
     if verbose:
         _echo_err(info.describe())
-    session = ChatSession(model_obj, tok, info.config, options, system=system, kv_options=kv_options)
+    if draft is not None:
+        draft, num_draft = speculative.make_proposer(draft, model_obj, tok, speculative.SamplingRule(options),
+                                                     num_draft, representation, tokenizer_ref=tokenizer)
+    session = ChatSession(model_obj, tok, info.config, options, system=system, kv_options=kv_options,
+                          draft=draft, num_draft=num_draft)
     _echo_err("Type a message; /reset starts over, /exit (or Ctrl-D) quits.")
     while True:
         try:

@@ -13,7 +13,7 @@ import traceback
 import typer
 
 from mlx_elm import platform
-from mlx_elm.cli import ays_cmd, bench_cmd, convert_cmd, generate_cmd, speech_cmd, train_cmd, video_cmd
+from mlx_elm.cli import ays_cmd, bench_cmd, convert_cmd, generate_cmd, moe_cmd, speech_cmd, train_cmd, video_cmd
 from mlx_elm.errors import MlxElmError
 
 DEBUG_ENV = "MLX_ELM_DEBUG"
@@ -27,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-for module in (generate_cmd, convert_cmd, train_cmd, bench_cmd, ays_cmd, speech_cmd, video_cmd):
+for module in (generate_cmd, convert_cmd, train_cmd, bench_cmd, ays_cmd, speech_cmd, moe_cmd, video_cmd):
     module.register(app)
 
 

@@ -86,6 +86,15 @@ KVBits = Annotated[Optional[int], typer.Option("--kv-bits", help="Quantize the K
 KVPerQueryHead = Annotated[bool, typer.Option(
     "--kv-per-query-head", help="SnapKV: select per query head (the original code; no GQA saving).")]
 
+# --- speculative decoding ----------------------------------------------------------------------
+Draft = Annotated[Optional[str], typer.Option(
+    "--draft", help="Speculative decoding (same greedy output, fewer model passes): lookup (copy continuations "
+                    "from the prompt) or a draft model (folder, Hub id, alias) with the model's tokenizer.")]
+DraftModel = Annotated[Optional[str], typer.Option("--draft-model", help="A draft model (mlx-lm's name for --draft MODEL).")]
+NumDraft = Annotated[Optional[int], typer.Option(
+    "--num-draft", "--num-draft-tokens",
+    help="Most tokens proposed per verification, in [1, 64] (default: 16 for lookup, which adapts below it; 3 for a model).")]
+
 # --- training --------------------------------------------------------------------------------
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Examples per batch (>= 1).")]
 Iters = Annotated[int, typer.Option("--iters", help="Optimizer steps (0: from --epochs, default 1 epoch).")]

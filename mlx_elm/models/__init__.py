@@ -12,7 +12,23 @@ from typing import Optional, Tuple
 
 MODEL_TYPES = {
     "openelm": "mlx_elm.models.openelm",
+    "openelm_moe": "mlx_elm.models.openelm_moe",
 }
+
+
+def preset_config(name: str, **overrides) -> dict:
+    """The config dict of a named preset of any of our architectures (``OpenELM-270M``,
+    ``tiny-mhmoe-h2``, ...); ValueError naming every family's presets when none matches."""
+    problems = []
+    for module in MODEL_TYPES.values():
+        mod = importlib.import_module(module)
+        if not hasattr(mod, "preset"):
+            continue
+        try:
+            return mod.preset(name, **overrides).to_dict()
+        except ValueError as e:
+            problems.append(str(e).rstrip("."))
+    raise ValueError("; ".join(problems))
 
 
 def model_classes(model_type: str) -> Optional[Tuple[type, type]]:

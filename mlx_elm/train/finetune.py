@@ -24,6 +24,7 @@ from mlx_elm.model_folder import count_parameters
 from mlx_elm.train.data import Dataset, load_dataset
 from mlx_elm.train.distributed import World, init_world
 from mlx_elm.train.loop import TrainConfig, TrainResult, train
+from mlx_elm.train.moe_loss import training_hooks
 
 
 def default_learning_rate(model_type: str) -> float:
@@ -76,8 +77,17 @@ def finetune_model(
     adapter_path = Path(adapter_path)  # created by the first save, so a refused run leaves nothing
     fp = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "num_layers": plan.num_layers,
           "dora": lora.dora}
+    loss_fn, moe_step = training_hooks(model)  # MoE models: balance loss and routing metrics
+    if moe_step is not None:
+        user_step = on_step
+
+        def on_step(step, loss, metrics):
+            moe_step(step, loss, metrics)
+            if user_step is not None:
+                user_step(step, loss, metrics)
+
     result = train(model, data, cfg, adapter_path, lambda m: save_adapters(m, adapter_path, config),
-                   fingerprint=fp, world=world, on_step=on_step, log=log)
+                   fingerprint=fp, world=world, on_step=on_step, log=log, loss_fn=loss_fn)
     if world.is_main:
         log(result.summary())
         if not result.interrupted:

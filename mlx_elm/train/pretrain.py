@@ -14,21 +14,25 @@ from typing import Callable, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_elm.atomic import atomic_file
 from mlx_elm.errors import TrainingError
 from mlx_elm.loading import get_model_classes
 from mlx_elm.model_folder import count_parameters, update_model_files
-from mlx_elm.models.openelm import preset
+from mlx_elm.models import preset_config
 from mlx_elm.tokenizers import has_tokenizer, install_tokenizer, load_tokenizer
 from mlx_elm.train.data import load_dataset
 from mlx_elm.train.distributed import init_world
 from mlx_elm.train.loop import TrainConfig, TrainResult, train
+from mlx_elm.train.moe_loss import training_hooks
+
+MOE_METRICS_FILE = "moe_metrics.json"
 
 
 def resolve_config(spec: dict) -> dict:
     """A full model config from a config.json dict or a ``preset`` + ``overrides`` dict."""
     if "preset" in spec:
         try:
-            return preset(spec["preset"], **spec.get("overrides", {})).to_dict()
+            return preset_config(spec["preset"], **spec.get("overrides", {}))
         except (ValueError, TypeError) as e:
             raise TrainingError(f"config preset: {e}") from None
     if "model_type" not in spec:
@@ -87,8 +91,46 @@ def pretrain(
         log(f"model: {config.get('model_type')} with {n_params / 1e6:.2f}M parameters, from scratch")
         log(f"data: {data.summary()}")
     fp = {"config": config}
-    result = train(model, data, cfg, out_dir, lambda m: update_model_files(out_dir, m, config), fingerprint=fp,
-                   world=world, log=log)
+    loss_fn, on_step = training_hooks(model)
+    history = read_metrics(out_dir / MOE_METRICS_FILE) if cfg.resume else []
+
+    def save(m):
+        update_model_files(out_dir, m, config)
+        if loss_fn is not None:  # MoE: per-step auxiliary losses and per-layer routing metrics
+            write_metrics(out_dir / MOE_METRICS_FILE, history)
+
+    def record(step, loss, metrics):
+        while history and history[-1]["step"] >= step:  # resumed from an earlier checkpoint
+            history.pop()
+        history.append({"step": step, "loss": loss, **metrics})
+        if on_step is not None:
+            on_step(step, loss, metrics)
+
+    result = train(model, data, cfg, out_dir, save, fingerprint=fp, world=world, log=log, loss_fn=loss_fn,
+                   on_step=record)
     if world.is_main:
         log(result.summary())
+        if loss_fn is not None and history:
+            log(routing_line(history[-1]) + f" (per step: {out_dir / MOE_METRICS_FILE})")
     return result
+
+
+def routing_line(metrics: dict) -> str:
+    """One line of the last step's per-layer routing metrics (load entropy / log E, dead experts)."""
+    layers = sorted({k.split("/")[0] for k in metrics if k.startswith("L") and "/" in k}, key=lambda s: int(s[1:]))
+    parts = [f"block {int(name[1:]) + 1}: entropy {metrics[name + '/entropy']:.3f}, max share "
+             f"{metrics[name + '/max_share']:.3f}, dead {int(metrics[name + '/dead'])}" for name in layers]
+    return f"routing (balance loss {metrics.get('balance_loss', float('nan')):.3f}): " + "; ".join(parts)
+
+
+def write_metrics(path: Path, history: list) -> None:
+    """Per-step training metrics as one JSON file (rewritten atomically at each checkpoint)."""
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(history) + "\n")
+
+
+def read_metrics(path: Path) -> list:
+    try:
+        return list(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return []
