@@ -5,7 +5,7 @@
 >>> mlx_elm.generate(model, tokenizer, "Why is the sky blue?", max_tokens=64)
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["load", "load_with_info", "generate", "stream_generate", "__version__"]
 
