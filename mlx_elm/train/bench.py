@@ -50,7 +50,10 @@ def make_bench_model(kind: str, out_dir: Path) -> Path:
 def _run(cmd: List[str]) -> str:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
+        tool = "mlx-elm lora" if "mlx_elm.cli.main" in cmd else "mlx_lm.lora"
+        last = next((line.strip() for line in reversed((proc.stderr or proc.stdout).splitlines()) if line.strip()), "")
+        raise MlxElmError(f"bench lora: {tool} exited with {proc.returncode}: {last[:300]!r}; "
+                          "rerun that command by hand to see its full output")
     return proc.stdout + proc.stderr
 
 
@@ -102,7 +105,8 @@ def compare(kind: str, work: Path, iters: int = 5, batch_size: int = 2, rank: in
     """Alternate the two tools ``repeats`` times; returns the runs and the throughput ratio."""
     work = Path(work)
     model = make_bench_model(kind, work / kind)
-    data = write_text_data(work / "data", n_train=32, n_valid=4, words=40)
+    # mlx-lm batches the validation split too, so both splits hold at least one batch
+    data = write_text_data(work / f"data-{batch_size}", n_train=max(32, batch_size), n_valid=max(4, batch_size), words=40)
     runs = []
     for _ in range(repeats):
         runs.append(run_ours(model, data, iters, batch_size, rank, max_seq, work))
