@@ -13,7 +13,7 @@ import signal
 from contextlib import contextmanager
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 
@@ -124,7 +124,9 @@ def flag_values(draw):
 
 
 @pytest.mark.slow
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+# no shrink phase: each example runs a CLI command (seconds), and shrinking one failure took over 5 min
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+          phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(case=flag_values())
 def test_fuzzed_flags_keep_the_contract(cli, inputs, tmp_path_factory, case):
     command, option, value = case
