@@ -34,9 +34,9 @@ FULL = dict(
     vit=ViTConfig(patch_size=16, hidden_size=64, intermediate_size=256, num_heads=4),
     encoder=TrainConfig(batch_size=64, iters=500, learning_rate=2e-3, warmup_steps=30, min_lr=2e-4, weight_decay=0.01,
                         steps_per_eval=100, val_batches=4, save_every=100),
-    # sized to train in about an hour on one shared CPU core (docs/video.md: where that budget falls short)
-    stage0=StageConfig(150, 32, 2e-3, 15), stage1=StageConfig(3, 4, 1e-3, 1), stage2=StageConfig(12, 4, 5e-4, 2),
-    aligner=AlignerConfig(), layout=LayoutConfig(),
+    # sized to train in about 45 minutes on one free CPU core (docs/video.md: where that budget falls short)
+    stage0=StageConfig(600, 32, 2e-3, 30), stage1=StageConfig(30, 4, 1e-3, 3), stage2=StageConfig(80, 4, 5e-4, 8),
+    text_replay=0.1, aligner=AlignerConfig(), layout=LayoutConfig(),
 )
 FAST = dict(
     data=DataConfig(train=12, valid=3, id=6, comp=3, length_per_duration=1, durations=(8, 20), per_family_eval=2),
@@ -44,7 +44,7 @@ FAST = dict(
     encoder=TrainConfig(batch_size=8, iters=3, learning_rate=1e-3, steps_per_eval=3, val_batches=1, save_every=3),
     stage0=StageConfig(3, 4, 1e-3, 1), stage1=StageConfig(2, 4, 1e-3, 1), stage2=StageConfig(3, 4, 1e-3, 1),
     aligner=AlignerConfig(dim=32, heads=2, segment_layers=1, resampler_layers=1, queries=2),
-    layout=LayoutConfig(queries=2),
+    text_replay=0.0, layout=LayoutConfig(queries=2),
 )
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     cfg = VideoTrainConfig(data=str(data), out=str(out / "run"), encoder=str(encoder), decoder=decoder,
                            aligner=s["aligner"], layout=s["layout"], stage0=s["stage0"], stage1=s["stage1"],
                            stage2=s["stage2"], seed=args.seed, progress=not args.fast,
-                           text_replay=0.0)  # text-only replay skipped: its 48 base answers cost minutes here
+                           text_replay=s["text_replay"])
     model = train_video_model(cfg, log=print if not args.fast else (lambda m: None))
     exported = export_model_folder(model, out / "export")
     print(f"exported -> {exported} ({sum(p.stat().st_size for p in exported.rglob('*') if p.is_file()) / 2**20:.1f} MB)")
