@@ -5,6 +5,8 @@
 >>> mlx_elm.generate(model, tokenizer, "Why is the sky blue?", max_tokens=64)
 """
 
+from mlx_elm.lazy import lazy_exports
+
 __version__ = "0.3.0"
 
 __all__ = ["load", "load_with_info", "generate", "stream_generate", "__version__"]
@@ -15,15 +17,4 @@ _LAZY = {"load": "mlx_elm.loading", "load_with_info": "mlx_elm.loading",
          "generate": "mlx_elm.generation", "stream_generate": "mlx_elm.generation"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mlx_elm' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -15,6 +15,8 @@ reproduction of the 17B Pegasus-1.
 
 from __future__ import annotations
 
+from mlx_elm.lazy import lazy_exports
+
 __all__ = ["ask", "describe", "make_demo", "VideoAssistant", "make_dataset", "DataConfig", "train_video_model",
            "VideoTrainConfig", "EvalConfig", "read_frames", "write_mp4", "LayoutConfig", "plan_segments"]
 
@@ -29,18 +31,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mlx_elm.video' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 def ask(video, question: str, transcript=None, model_dir=None, max_tokens: int = 64) -> str:
